@@ -1,0 +1,19 @@
+"""Shared fixtures. Tests that need ../shared/data skip with the reason when a clone lacks it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("GRPO_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The benchmark and GSM8K JSONL files that CI has beside the repository (never copied into it)."""
+    if not (SHARED_DATA / "aime24").is_dir():
+        pytest.skip(f"benchmark data not found at {SHARED_DATA} (set GRPO_SHARED_DATA to its folder)")
+    return SHARED_DATA

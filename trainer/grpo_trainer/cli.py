@@ -1,0 +1,71 @@
+"""The `grpo` command line. Each subcommand imports what it needs only when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+EXIT_INVALID = 2  # bad input: a manifest that is not a valid GRPORun, a file that cannot be read
+
+console = Console(stderr=True, highlight=False)
+
+
+def validate(args: argparse.Namespace) -> int:
+    from grpo_trainer.validation import ManifestError, load_manifest
+
+    status = 0
+    for path in args.manifests:
+        try:
+            run = load_manifest(path)
+        except ManifestError as error:
+            console.print(f"[red]✗[/red] {error}", markup=True)
+            status = EXIT_INVALID
+        else:
+            console.print(f"[green]✓[/green] {path}: valid GRPORun {run.metadata.name!r}")
+    return status
+
+
+def crd(args: argparse.Namespace) -> int:
+    from grpo_operator.crd import render_crd
+
+    text = render_crd()
+    if args.check:
+        committed = Path(args.check).read_text(encoding="utf-8") if Path(args.check).exists() else ""
+        if committed != text:
+            console.print(f"[red]✗[/red] {args.check} differs from the CRD generated from the spec; run: grpo crd -o {args.check}")
+            return 1
+        console.print(f"[green]✓[/green] {args.check} is up to date")
+    elif args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+        console.print(f"wrote {args.output}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="grpo", description="Train small reasoning models with GRPO.")
+    commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    command = commands.add_parser("validate", help="check GRPORun manifests, naming each bad field")
+    command.add_argument("manifests", nargs="+", metavar="RUN.yaml")
+    command.set_defaults(handler=validate)
+
+    command = commands.add_parser("crd", help="print the GRPORun CRD generated from the spec")
+    target = command.add_mutually_exclusive_group()
+    target.add_argument("-o", "--output", metavar="PATH", help="write it to PATH instead of stdout")
+    target.add_argument("--check", metavar="PATH", help="exit 1 if PATH differs from the generated CRD")
+    command.set_defaults(handler=crd)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Validate a GRPORun manifest the way the API server would, with messages that name the field.
+
+Two passes, the same two the API server makes: the structural schema (pydantic, from which the CRD's
+OpenAPI schema is generated) and then the cross-field CEL rules, evaluated with cel-python on exactly
+the expressions the CRD carries. Every problem is reported, not just the first.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from grpo_trainer.spec import APIModel, GRPORun
+
+
+@dataclass(frozen=True)
+class FieldError:
+    path: str  # e.g. "spec.grpo.epsilonHigh" or "spec.rewards[1].name"
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class ManifestError(ValueError):
+    """A manifest that is not a valid GRPORun; ``errors`` lists every problem found."""
+
+    def __init__(self, source: str, errors: list[FieldError]):
+        self.source = source
+        self.errors = errors
+        lines = "\n".join(f"  {error}" for error in errors)
+        super().__init__(f"{source}: not a valid GRPORun ({len(errors)} problem{'s' * (len(errors) > 1)}):\n{lines}")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as kubectl reads it: PyYAML's YAML 1.1 takes `1e-6` for a string, YAML 1.2 a number."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def load_manifest(path: str | Path) -> GRPORun:
+    """Read a GRPORun from a YAML file, or raise ManifestError naming the file and each bad field."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ManifestError(str(path), [FieldError("", f"cannot read the file: {exc.strerror or exc}")]) from None
+    try:
+        documents = [doc for doc in yaml.load_all(text, Loader=_Loader) if doc is not None]
+    except yaml.YAMLError as exc:
+        raise ManifestError(str(path), [FieldError("", f"not valid YAML: {exc}")]) from None
+    if len(documents) != 1:
+        raise ManifestError(str(path), [FieldError("", f"expected one YAML document, found {len(documents)}")])
+    return validate_manifest(documents[0], source=str(path))
+
+
+def validate_manifest(manifest: Any, source: str = "manifest") -> GRPORun:
+    """Validate a parsed manifest (a dict) and return the typed run, or raise ManifestError."""
+    if not isinstance(manifest, dict):
+        raise ManifestError(source, [FieldError("", f"expected a mapping, got {type(manifest).__name__}")])
+    try:
+        run = GRPORun.model_validate(manifest)
+    except ValidationError as exc:
+        raise ManifestError(source, [_from_pydantic(error, manifest) for error in exc.errors()]) from None
+    errors = list(cel_errors(run.spec, "spec"))
+    if errors:
+        raise ManifestError(source, errors)
+    return run
+
+
+def cel_errors(model: APIModel, path: str):
+    """Yield a FieldError for each CEL rule that ``model`` or any model inside it breaks."""
+    if model.cel_rules:
+        self_value = _cel_value(model.model_dump(by_alias=True, exclude_none=True, mode="json"))
+        for rule in model.cel_rules:
+            if not rule.transition and not _compiled(rule.rule).evaluate({"self": self_value}):
+                yield FieldError(path + rule.field, rule.message)
+    for name, field in type(model).model_fields.items():
+        alias = field.alias or name
+        value = getattr(model, name)
+        if isinstance(value, APIModel):
+            yield from cel_errors(value, f"{path}.{alias}")
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                if isinstance(item, APIModel):
+                    yield from cel_errors(item, f"{path}.{alias}[{index}]")
+
+
+@cache
+def _compiled(expression: str):
+    import celpy
+
+    environment = celpy.Environment()
+    return environment.program(environment.compile(expression))
+
+
+def _cel_value(data: Any):
+    import celpy
+
+    return celpy.json_to_cel(data)
+
+
+def _from_pydantic(error: dict[str, Any], manifest: dict[str, Any]) -> FieldError:
+    location = [part for part in error["loc"] if not _is_union_tag(part)]
+    path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in location).lstrip(".")
+    kind = error["type"]
+    if kind == "missing":
+        return FieldError(path, "required")
+    if kind == "extra_forbidden":
+        return FieldError(path, "unknown field" + _suggestion(location, manifest))
+    message = error["msg"].removeprefix("Value error, ")
+    if "input" in error and kind not in ("model_type", "dict_type", "list_type"):
+        message += f" (got {error['input']!r})"
+    return FieldError(path, message)
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic puts the chosen union member in the location, e.g. ("spec", "model", "str"); the user
+    # never wrote those, so they are dropped.
+    return isinstance(part, str) and (part in {"str", "int", "float", "bool", "list", "dict"} or "[" in part)
+
+
+def _suggestion(location: list[Any], manifest: dict[str, Any]) -> str:
+    """' (did you mean X?)' for a misspelt field, from the field names valid at that place."""
+    model: type[BaseModel] | None = GRPORun
+    for part in location[:-1]:
+        if isinstance(part, int) or model is None:
+            continue
+        field = next((f for n, f in model.model_fields.items() if (f.alias or n) == part), None)
+        model = inner_model(field.annotation) if field else None
+    if model is None:
+        return ""
+    names = [field.alias or name for name, field in model.model_fields.items()]
+    match = difflib.get_close_matches(str(location[-1]), names, n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def inner_model(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation such as `X`, `X | None` or `list[X]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in getattr(annotation, "__args__", ()):
+        model = inner_model(argument)
+        if model is not None:
+            return model
+    return None
