@@ -1,0 +1,80 @@
+"""The optimisation engine: DeepSpeed ZeRO (stage 2 or 3) around AdamW and the spec's LR schedule.
+
+The same code runs on GPUs with NCCL and on CPUs with gloo (tests, laptops). One engine step is one
+micro-batch; DeepSpeed accumulates gradients and steps the optimizer and the scheduler every
+``gradient_accumulation_steps`` micro-batches, so a "step" in the spec is an optimizer step, as in TRL.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+
+from grpo_trainer.spec import GRPOSpec
+
+
+def deepspeed_config(grpo: GRPOSpec, *, on_gpu: bool) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": grpo.per_device_batch_size,
+        "gradient_accumulation_steps": grpo.gradient_accumulation_steps,
+        "gradient_clipping": grpo.max_grad_norm,
+        "zero_optimization": {"stage": grpo.zero_stage, "overlap_comm": on_gpu, "contiguous_gradients": True},
+        "bf16": {"enabled": grpo.bf16 and on_gpu},
+        # torch's AdamW: the same optimizer on CPU and GPU; DeepSpeed only shards its state.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def warmup_steps(grpo: GRPOSpec) -> int:
+    """As transformers' TrainingArguments counts them: ceil(warmup_ratio × max_steps)."""
+    return math.ceil(grpo.warmup_ratio * grpo.max_steps)
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, grpo: GRPOSpec):
+    """The spec's schedule over max_steps optimizer steps, from transformers' own implementations."""
+    from transformers import get_scheduler
+
+    extra = {"min_lr_rate": grpo.min_lr_rate} if grpo.lr_scheduler == "cosine_with_min_lr" else {}
+    return get_scheduler(
+        grpo.lr_scheduler,
+        optimizer,
+        num_warmup_steps=warmup_steps(grpo),
+        num_training_steps=grpo.max_steps,
+        scheduler_specific_kwargs=extra,
+    )
+
+
+def build_engine(model: torch.nn.Module, grpo: GRPOSpec):
+    """Wrap ``model`` in a DeepSpeed engine; torch.distributed must be initialised (see init_distributed)."""
+    import deepspeed
+
+    on_gpu = torch.cuda.is_available()
+    if grpo.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=grpo.learning_rate, weight_decay=grpo.weight_decay
+    )
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler(optimizer, grpo),
+        config=deepspeed_config(grpo, on_gpu=on_gpu),
+    )
+    return engine
+
+
+def init_distributed() -> None:
+    """Join the process group set up by torchrun or the deepspeed launcher (a group of one otherwise)."""
+    import deepspeed
+
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
