@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# Fixture modules shared by several test files (a tiny random model with a real tokenizer, an S3 server).
+pytest_plugins = ["fixtures_models", "fixtures_s3"]
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("GRPO_SHARED_DATA", REPO.parent / "shared" / "data"))
 
