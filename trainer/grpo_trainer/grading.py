@@ -1,0 +1,392 @@
+"""The answer grader: math-verify in a pool of worker processes that a hang or crash cannot escape.
+
+One grader serves the reward and the benchmark scores, so both read answers the same way:
+
+- the completion's final answer is extracted as Open-RS's accuracy reward did (boxed first; LaTeX
+  only, well-formed operators required, nothing taken without an anchor such as ``\\boxed`` or
+  "answer"; the first match decides), or, with ``profile="lighteval"``, as the lighteval extractive
+  match that scored the paper's benchmarks did;
+- the gold is parsed as lighteval parsed the golds of the paper's benchmarks. A gold that marks
+  its answer (a solution with ``\\boxed{}``, OlympiadBench's ``$…$``) is read with LaTeX
+  extraction, as lighteval read MATH-500, Minerva and OlympiadBench. A bare gold such as ``27`` or
+  ``\\frac{14}{3}`` is read as ``\\boxed{27}``: for AIME and AMC that gives what lighteval's
+  plain-expression reading gave (27 is 27), and for a bare LaTeX answer it is what lighteval found
+  in the solution that ends with it. (A plain-expression reader is not also run on solutions: it
+  would take a stray number from one whose boxed answer sympy cannot read, 3 from Minerva's
+  ``-1./3``.) A gold that still yields nothing is never rewarded against: the verdict is wrong with
+  reason ``gold_unparsable``, where Open-RS's reward paid 1.0 to every completion.
+
+math-verify bounds its sympy steps with SIGALRM, which only works in a main thread and does not
+cover its regexes or LaTeX normalisation. So every parse and verify runs in a worker process (its
+main thread, a memory cap, completion text only ever parsed, never evaluated), each item under a
+wall-clock bound that the parent enforces by killing the worker and starting a new one.
+concurrent.futures cannot kill one task, hence the small pool here built on multiprocessing's
+processes, pipes and ``connection.wait``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from multiprocessing import connection
+from multiprocessing.context import BaseContext
+from typing import Any, Literal, Sequence
+
+log = logging.getLogger(__name__)
+
+Profile = Literal["open-rs", "lighteval"]
+
+GOLD_UNPARSABLE = "gold_unparsable"
+INVALID_INPUT = "invalid_input"
+TIMEOUT = "timeout"
+WORKER_CRASHED = "worker_crashed"
+WORKER_ERROR = "worker_error"
+
+ANSWER_PREVIEW_CHARS = 200
+"""The extracted answer a verdict carries is cut to this length (it is for logs, not grading)."""
+
+_STARTUP_TIMEOUT_S = 120.0
+_READY = "ready"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The grade of one completion against one gold.
+
+    ``answer`` is the completion's final answer as math-verify extracted it (None if it found
+    none). ``reason`` is set only when the pair could not be graded (``gold_unparsable``,
+    ``invalid_input``, ``timeout``, ``worker_crashed``, ``worker_error:<exception>``); such a
+    verdict is never correct.
+    """
+
+    correct: bool
+    answer: str | None = None
+    reason: str | None = None
+    seconds: float = 0.0
+    """Wall-clock time this item took in its worker, as the parent saw it (0.0 if never sent)."""
+
+
+# ------------------------------------------------------------------------------ in the worker
+
+
+@dataclass(frozen=True)
+class _Extraction:
+    completion: list[Any]
+    completion_mode: str
+    precision: int
+    answer_first: bool  # verify() is not symmetric: which side each evaluator passed first
+
+
+@lru_cache(maxsize=2)
+def _extraction(profile: Profile) -> _Extraction:
+    from latex2sympy2_extended import NormalizationConfig
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig
+
+    if profile == "lighteval":
+        # open-rs src/open_r1/evaluate.py: its pred_extraction_target, precision 5, any match.
+        completion = [ExprExtractionConfig(), LatexExtractionConfig(boxed_match_priority=0)]
+        return _Extraction(completion, "any_match", precision=5, answer_first=False)
+    # open-rs src/open_r1/rewards.py accuracy_reward: well-formed LaTeX, boxed first, first match.
+    completion = LatexExtractionConfig(
+        normalization_config=NormalizationConfig(
+            nits=False, malformed_operators=False, basic_latex=True, equations=True, boxed="all", units=True
+        ),
+        boxed_match_priority=0,
+        try_extract_without_anchor=False,
+    )
+    return _Extraction([completion], "first_match", precision=6, answer_first=True)
+
+
+def _marks_its_answer(gold: str) -> bool:
+    r"""Whether the gold delimits its answer (a ``\boxed{}``, ``$…$``, ``\(…\)`` or ``\[…\]``)."""
+    if "\\boxed" in gold or "\\(" in gold or "\\[" in gold:
+        return True
+    return "$" in gold.replace("\\$", "")
+
+
+@lru_cache(maxsize=8192)
+def parse_gold(gold: str) -> list[Any]:
+    """The gold as math-verify reads it (see the module's docstring); cached, so that a worker
+    parses a problem's gold once. Empty if it yields nothing."""
+    from math_verify import LatexExtractionConfig, parse
+
+    gold = gold.strip()
+    if _marks_its_answer(gold):
+        parsed = parse(gold, [LatexExtractionConfig()])
+        if parsed:
+            return parsed
+    return parse(f"\\boxed{{{gold}}}", [LatexExtractionConfig()]) if gold else []
+
+
+def grade_here(completion: str, gold: str, profile: Profile = "open-rs") -> Verdict:
+    """Grade in this process, unbounded. Only for a worker's main thread (math-verify's alarms)."""
+    from math_verify import parse, verify
+
+    gold_parsed = parse_gold(gold)
+    if not gold_parsed:
+        return Verdict(False, reason=GOLD_UNPARSABLE)
+    extraction = _extraction(profile)
+    answer_parsed = parse(completion, extraction.completion, extraction_mode=extraction.completion_mode)
+    if not answer_parsed:
+        return Verdict(False)
+    # verify() turns its own errors and timeouts into False, as Open-RS's reward relied on.
+    if extraction.answer_first:
+        correct = verify(answer_parsed, gold_parsed, precision=extraction.precision)
+    else:
+        correct = verify(gold_parsed, answer_parsed, precision=extraction.precision)
+    # With fallback "first_match" the last element is the matched text (printing sympy can hang).
+    answer = answer_parsed[-1][:ANSWER_PREVIEW_CHARS] if isinstance(answer_parsed[-1], str) else None
+    return Verdict(correct, answer)
+
+
+def _serve(conn: connection.Connection, profile: Profile, memory_limit_bytes: int | None) -> None:
+    """A worker's main loop: receive a chunk of (index, completion, gold), answer item by item."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    if memory_limit_bytes is not None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (memory_limit_bytes, memory_limit_bytes))
+    grade_here("$1$", "1", profile)  # load the LaTeX parser before the first timed item
+    conn.send(_READY)
+    while True:
+        try:
+            chunk = conn.recv()
+        except EOFError:  # the parent is gone
+            return
+        if chunk is None:
+            return
+        for index, completion, gold in chunk:
+            try:
+                verdict = grade_here(completion, gold, profile)
+            except Exception as error:  # MemoryError, RecursionError, anything math-verify let out
+                verdict = Verdict(False, reason=f"{WORKER_ERROR}:{type(error).__name__}")
+            conn.send((index, verdict))
+
+
+# ------------------------------------------------------------------------------ in the parent
+
+
+class _Worker:
+    """One worker process, the items it was sent and when it started on the current one."""
+
+    def __init__(self, context: BaseContext, profile: Profile, memory_limit_bytes: int | None) -> None:
+        self.conn, child_conn = context.Pipe(duplex=True)
+        self.process = context.Process(
+            target=_serve, args=(child_conn, profile, memory_limit_bytes), name="grpo-grader", daemon=True
+        )
+        self.process.start()
+        child_conn.close()  # so that the worker's death reads as EOF here
+        self.ready = False
+        self.pending: deque[tuple[int, str, str]] = deque()
+        self.started = time.monotonic()  # when it started on its current item (or on starting up)
+        self.deadline = self.started + _STARTUP_TIMEOUT_S
+
+    def send(self, chunk: list[tuple[int, str, str]], timeout_s: float) -> None:
+        self.pending.extend(chunk)
+        self.next_item(timeout_s)
+        self.conn.send(chunk)
+
+    def next_item(self, timeout_s: float) -> None:
+        self.started = time.monotonic()
+        self.deadline = self.started + timeout_s
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.join()
+        self.conn.close()
+
+    def stop(self) -> None:
+        try:
+            self.conn.send(None)
+        except OSError:
+            pass
+        self.process.join(timeout=2)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.conn.close()
+
+
+def _usable_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _process_context() -> BaseContext:
+    """forkserver where there is one (fresh interpreter, cheap restarts), else spawn; never fork,
+    which would copy the trainer's torch/CUDA/NCCL state into the workers."""
+    import multiprocessing
+
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        # Workers fork from a server that has math-verify imported already, so a restart after a
+        # timeout costs milliseconds. (No effect if this process started its forkserver before.)
+        context.set_forkserver_preload([__name__, "math_verify", "latex2sympy2_extended"])
+        return context
+    return multiprocessing.get_context("spawn")
+
+
+class Grader:
+    """Grades completions against golds in worker processes, each item bounded in time and memory.
+
+    The pool starts on first use and is reused; a worker that exceeds ``timeout_s`` on an item, or
+    dies, is replaced and that item gets a failed verdict. ``close()`` (or leaving a ``with``
+    block) stops the workers; the process-wide grader of :func:`get_grader` is closed at exit.
+    ``workers`` defaults to the cores this process may use; ranks sharing a node should split them.
+    """
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        timeout_s: float = 5.0,
+        memory_limit_mb: int | None = 2048,
+        profile: Profile = "open-rs",
+    ) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        self.workers = workers or _usable_cores()
+        self.timeout_s = timeout_s
+        self.profile = profile
+        self._memory_limit_bytes = memory_limit_mb * 2**20 if memory_limit_mb else None
+        self._pool: list[_Worker] = []
+        self._pool_pid = os.getpid()
+        self._context: BaseContext | None = None
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> Grader:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def verify(self, completion: str, gold: str) -> Verdict:
+        """Grade one completion against its gold."""
+        return self.verify_batch([completion], [gold])[0]
+
+    def verify_batch(self, completions: Sequence[str], golds: Sequence[str]) -> list[Verdict]:
+        """Grade ``completions[i]`` against ``golds[i]`` for every i, in parallel; input order.
+
+        Never raises for a bad item: a non-string, a timeout or a crashed worker is a failed
+        verdict. Identical pairs are graded once. Raises RuntimeError only if no worker process can
+        start at all (math-verify missing, say): no run should go on without its reward.
+        """
+        if len(completions) != len(golds):
+            raise ValueError(f"{len(completions)} completions but {len(golds)} golds")
+        verdicts: list[Verdict | None] = [None] * len(completions)
+        first_of: dict[tuple[str, str], int] = {}
+        todo: list[tuple[int, str, str]] = []
+        for index, (completion, gold) in enumerate(zip(completions, golds)):
+            if not isinstance(completion, str) or not isinstance(gold, str):
+                verdicts[index] = Verdict(False, reason=INVALID_INPUT)
+            elif (completion, gold) not in first_of:
+                first_of[completion, gold] = index
+                todo.append((index, completion, gold))
+        if todo:
+            with self._lock:
+                self._run(todo, verdicts)
+        for index, (completion, gold) in enumerate(zip(completions, golds)):
+            if verdicts[index] is None:
+                verdicts[index] = verdicts[first_of[completion, gold]]
+        return verdicts  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """Stop the workers; a later call starts new ones."""
+        with self._lock:
+            if self._pool_pid == os.getpid():
+                for worker in self._pool:
+                    worker.stop()
+            self._pool = []
+
+    # -------------------------------------------------------------------------------- the pool
+
+    def _start_worker(self) -> _Worker:
+        if self._context is None:
+            self._context = _process_context()
+        return _Worker(self._context, self.profile, self._memory_limit_bytes)
+
+    def _run(self, todo: list[tuple[int, str, str]], verdicts: list[Verdict | None]) -> None:
+        if self._pool_pid != os.getpid():  # a forked copy of this grader: those workers are not ours
+            self._pool, self._pool_pid = [], os.getpid()
+        while len(self._pool) < self.workers:
+            self._pool.append(self._start_worker())
+        # Items of one gold travel together so that a worker parses that gold once; chunks are
+        # small enough to keep every worker busy to the end.
+        queue = deque(sorted(todo, key=lambda item: item[2]))
+        chunk_size = max(1, min(32, math.ceil(len(queue) / (4 * self.workers))))
+        remaining = len(queue)
+        while remaining:
+            for slot, worker in enumerate(self._pool):
+                if worker.ready and not worker.pending and queue:
+                    chunk = [queue.popleft() for _ in range(min(chunk_size, len(queue)))]
+                    try:
+                        worker.send(chunk, self.timeout_s)
+                    except OSError:  # it died while idle: the chunk goes back, untouched
+                        worker.pending.clear()
+                        queue.extendleft(reversed(chunk))
+                        self._replace(slot, worker, queue, verdicts, WORKER_CRASHED)
+            now = time.monotonic()
+            busy = [worker for worker in self._pool if worker.pending or not worker.ready]
+            wait_s = max(0.0, min(worker.deadline for worker in busy) - now)
+            ready = set(connection.wait([worker.conn for worker in busy], timeout=wait_s))
+            for slot, worker in enumerate(self._pool):
+                if worker.conn in ready:
+                    remaining -= self._receive(slot, worker, queue, verdicts)
+                elif (worker.pending or not worker.ready) and time.monotonic() >= worker.deadline:
+                    remaining -= self._replace(slot, worker, queue, verdicts, TIMEOUT)
+
+    def _receive(self, slot: int, worker: _Worker, queue: deque, verdicts: list[Verdict | None]) -> int:
+        """Take one message from a worker; returns how many items it settled."""
+        try:
+            message = worker.conn.recv()
+        except (EOFError, OSError):
+            return self._replace(slot, worker, queue, verdicts, WORKER_CRASHED)
+        if message == _READY:
+            worker.ready = True
+            return 0
+        index, verdict = message
+        worker.pending.popleft()
+        verdicts[index] = replace(verdict, seconds=time.monotonic() - worker.started)
+        worker.next_item(self.timeout_s)
+        return 1
+
+    def _replace(self, slot: int, worker: _Worker, queue: deque, verdicts: list[Verdict | None], reason: str) -> int:
+        """Kill a worker, fail the item it was on, requeue the rest of its chunk, start another."""
+        worker.kill()
+        seconds = time.monotonic() - worker.started
+        if not worker.ready:
+            raise RuntimeError(f"a grader worker could not start (exit code {worker.process.exitcode})")
+        self._pool[slot] = self._start_worker()
+        if not worker.pending:
+            return 0
+        index, completion, gold = worker.pending.popleft()
+        queue.extendleft(reversed(worker.pending))
+        cause = f"exit code {worker.process.exitcode}" if reason == WORKER_CRASHED else f"over {self.timeout_s}s"
+        log.warning(
+            "grading %s (%s): completion of %d chars starting %r, gold %r",
+            reason, cause, len(completion), completion[:80], gold[:80],
+        )
+        verdicts[index] = Verdict(False, reason=reason, seconds=seconds)
+        return 1
+
+
+_default: Grader | None = None
+_default_lock = threading.Lock()
+
+
+def get_grader() -> Grader:
+    """This process's grader (Open-RS extraction, default bounds), started on first use."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Grader()
+            atexit.register(_default.close)
+        return _default
