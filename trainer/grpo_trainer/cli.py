@@ -10,7 +10,7 @@ from rich.console import Console
 
 EXIT_INVALID = 2  # bad input: a manifest that is not a valid GRPORun, a file that cannot be read
 
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)  # never break a path in two
 
 
 def validate(args: argparse.Namespace) -> int:
@@ -26,6 +26,51 @@ def validate(args: argparse.Namespace) -> int:
         else:
             console.print(f"[green]✓[/green] {path}: valid GRPORun {run.metadata.name!r}")
     return status
+
+
+def train(args: argparse.Namespace) -> int:
+    import logging
+
+    from grpo_trainer.validation import ManifestError, load_manifest
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        run = load_manifest(args.manifest)
+    except ManifestError as error:
+        console.print(f"[red]✗[/red] {error}")
+        return EXIT_INVALID
+    storage = run.spec.checkpoints.storage
+    if args.run_dir is None and not storage.startswith("file://"):
+        console.print(
+            f"[red]✗[/red] {args.manifest}: spec.checkpoints.storage {storage!r}: this version trains into a "
+            "local directory only; use a file:// storage or pass --run-dir"
+        )
+        return EXIT_INVALID
+    run_dir = Path(args.run_dir or storage.removeprefix("file://")) / run.metadata.name
+
+    from grpo_trainer.data import DatasetError
+    from grpo_trainer.model import ModelError
+    from grpo_trainer.train import TrainingError
+    from grpo_trainer.train import train as train_run
+
+    try:
+        train_run(run, run_dir)
+    except (DatasetError, ModelError, TrainingError) as error:
+        console.print(f"[red]✗[/red] {args.manifest}: {error}")
+        return EXIT_INVALID
+    return 0
+
+
+def report(args: argparse.Namespace) -> int:
+    from grpo_trainer.report import ReportError, render
+
+    try:
+        output = render(Path(args.run_dir), Path(args.output) if args.output else None)
+    except ReportError as error:
+        console.print(f"[red]✗[/red] {error}")
+        return EXIT_INVALID
+    console.print(f"wrote {output}")
+    return 0
 
 
 def crd(args: argparse.Namespace) -> int:
@@ -53,6 +98,16 @@ def parser() -> argparse.ArgumentParser:
     command = commands.add_parser("validate", help="check GRPORun manifests, naming each bad field")
     command.add_argument("manifests", nargs="+", metavar="RUN.yaml")
     command.set_defaults(handler=validate)
+
+    command = commands.add_parser("train", help="train a GRPORun here (CPU, or GPUs under torchrun/deepspeed)")
+    command.add_argument("manifest", metavar="RUN.yaml")
+    command.add_argument("--run-dir", metavar="DIR", help="where metrics and the final model go (default: the spec's file:// storage)")
+    command.set_defaults(handler=train)
+
+    command = commands.add_parser("report", help="plot a run's reward, accuracy, length and KL curves to a PNG")
+    command.add_argument("run_dir", metavar="RUN_DIR")
+    command.add_argument("-o", "--output", metavar="PNG", help="default: RUN_DIR/curves.png")
+    command.set_defaults(handler=report)
 
     command = commands.add_parser("crd", help="print the GRPORun CRD generated from the spec")
     target = command.add_mutually_exclusive_group()

@@ -1,0 +1,103 @@
+"""The training loop end to end on a tiny random model: in this process, and on 2 CPU processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from grpo_trainer.train import TrainingError, prompts_per_step, train
+from grpo_trainer.validation import validate_manifest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def manifest(model_dir: Path, **grpo) -> dict:
+    return {
+        "apiVersion": "grpo.dev/v1alpha1",
+        "kind": "GRPORun",
+        "metadata": {"name": "tiny"},
+        "spec": {
+            "model": {"source": str(model_dir), "dtype": "float32"},
+            "dataset": {"source": "builtin://arithmetic", "systemPrompt": "Answer in \\boxed{}.", "maxSamples": 64},
+            # A random model is never right; the cosine reward still varies with each completion's length in
+            # characters, so advantages (and so gradients) are not all 0.
+            "rewards": [{"name": "accuracy"}, {"name": "cosine", "params": {"maxLen": 80, "lengthUnit": "characters"}}],
+            "grpo": {"preset": "custom", "numGenerations": 4, "maxPromptLength": 128, "maxCompletionLength": 12,
+                     "temperature": 1.0, "perDeviceBatchSize": 4, "gradientAccumulationSteps": 2,
+                     "learningRate": 1e-3, "warmupRatio": 0.0, "maxSteps": 2, "gradientCheckpointing": False,
+                     "bf16": False, "seed": 3, **grpo},
+        },
+    }
+
+
+def test_a_step_must_hold_whole_groups(tiny_model_dir):
+    run = validate_manifest(manifest(tiny_model_dir, perDeviceBatchSize=3, gradientAccumulationSteps=1))
+    with pytest.raises(TrainingError, match="numGenerations"):
+        prompts_per_step(run, world_size=1)
+    assert prompts_per_step(validate_manifest(manifest(tiny_model_dir)), world_size=1) == 2
+
+
+def _weights(path) -> dict[str, torch.Tensor]:
+    return dict(AutoModelForCausalLM.from_pretrained(path).named_parameters())
+
+
+def test_train_writes_a_metrics_line_per_step_and_a_loadable_model_that_changed(tiny_model_dir, tmp_path, monkeypatch):
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MASTER_PORT", "29541")
+    run = validate_manifest(manifest(tiny_model_dir, beta=0.04))
+    final = train(run, tmp_path, show_progress=False)
+
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records] == [1, 2]
+    for record in records:
+        for key in ("reward", "reward_std", "rewards/accuracy/mean", "rewards/cosine/mean", "accuracy", "kl",
+                    "entropy", "completions/mean_length", "completions/max_length", "completions/clipped_ratio",
+                    "clip_ratio/region_mean", "frac_reward_zero_std", "learning_rate", "tokens_per_second",
+                    "time/generate", "time/score", "time/train"):
+            assert key in record, key
+        assert 1 <= record["completions/max_length"] <= 12
+        assert record["entropy"] > 0 and record["reward_std"] > 0
+    initial, trained = _weights(tiny_model_dir), _weights(final)
+    assert initial.keys() == trained.keys()
+    assert any(not torch.equal(initial[name], trained[name]) for name in initial)
+
+
+@pytest.mark.slow
+def test_grpo_train_on_two_cpu_processes_under_torchrun(tiny_model_dir, tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(manifest(tiny_model_dir)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29543",
+               "-m", "grpo_trainer.cli", "train", str(path), "--run-dir", str(tmp_path / "runs")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=280)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records] == [1, 2]  # one line per step, from rank 0 only
+    assert (tmp_path / "runs" / "tiny" / "final" / "model.safetensors").is_file()
+
+
+def test_report_plots_the_curves_and_names_a_missing_file(tmp_path, capsys):
+    from grpo_trainer.cli import main as grpo
+
+    run_dir = tmp_path / "run"
+    assert grpo(["report", str(run_dir)]) == 2
+    assert "metrics.jsonl" in capsys.readouterr().err
+    run_dir.mkdir()
+    lines = [{"step": s, "reward": s / 10, "accuracy": s / 20, "completions/mean_length": 30 + s, "kl": 0.01 * s}
+             for s in range(1, 21)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert grpo(["report", str(run_dir)]) == 0
+    png = (run_dir / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    (run_dir / "metrics.jsonl").write_text("{not json\n")
+    assert grpo(["report", str(run_dir)]) == 2
+    assert "metrics.jsonl:1" in capsys.readouterr().err

@@ -1,0 +1,279 @@
+"""The GRPO training loop, top to bottom: data → rollout → rewards → advantages → loss → engine.
+
+One optimizer step takes P prompts and samples G completions of each (P·G = per-device batch ×
+gradient accumulation × ranks), scores them, turns rewards into group advantages, and then makes
+``num_iterations`` passes over them in micro-batches through the DeepSpeed engine. Each rank samples
+and trains on its own share of the prompts; only rewards cross ranks (for batch-scaled advantages
+and the logged means).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from grpo_trainer.data import build_prompts, load_problems
+from grpo_trainer.engine import build_engine, init_distributed
+from grpo_trainer.loss import group_advantages, grpo_loss, mask_truncated_completions
+from grpo_trainer.metrics import MetricsLog, StepTimer
+from grpo_trainer.model import load_model, load_tokenizer, resolve_model_source
+from grpo_trainer.rewards import RewardScorer
+from grpo_trainer.rollout import Rollouts, TransformersSampler
+from grpo_trainer.spec import GRPORun
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingError(ValueError):
+    """A run that cannot start; the message names the field or file at fault."""
+
+
+@dataclass
+class Batch:
+    """One rank's completions of a step as right-padded tensors, ready for the loss."""
+
+    input_ids: torch.Tensor  # [B, L] prompt + completion, right-padded
+    attention_mask: torch.Tensor  # [B, L]
+    prompt_lengths: list[int]
+    completion_ids: torch.Tensor  # [B, T] right-padded
+    completion_mask: torch.Tensor  # [B, T]
+    truncated: torch.Tensor  # [B] bool
+    sampler_logps: torch.Tensor  # [B, T]
+
+
+def prompts_per_step(run: GRPORun, world_size: int) -> int:
+    """How many prompts one rank samples per optimizer step, or a TrainingError naming the fields."""
+    grpo = run.spec.grpo
+    completions = grpo.per_device_batch_size * grpo.gradient_accumulation_steps
+    if completions % grpo.num_generations:
+        raise TrainingError(
+            f"spec.grpo: perDeviceBatchSize × gradientAccumulationSteps = {completions} completions per rank "
+            f"per step is not a multiple of numGenerations = {grpo.num_generations}"
+        )
+    return completions // grpo.num_generations
+
+
+def train(run: GRPORun, run_dir: Path, *, show_progress: bool = True) -> Path:
+    """Train ``run`` and return the directory of the final model (HF format)."""
+    spec, grpo = run.spec, run.spec.grpo
+    init_distributed()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    prompts_per_rank = prompts_per_step(run, world_size)
+    torch.manual_seed(grpo.seed + rank)
+
+    # ---- data and model
+    location = resolve_model_source(spec.model.source, revision=spec.model.revision)
+    tokenizer = load_tokenizer(location)
+    prompts = build_prompts(
+        load_problems(spec.dataset),
+        tokenizer,
+        system_prompt=spec.dataset.system_prompt,
+        max_prompt_length=grpo.max_prompt_length,
+    )
+    model = load_model(location, tokenizer, dtype=spec.model.dtype, device=device)
+    reference = None
+    if grpo.beta > 0:
+        reference = load_model(location, tokenizer, dtype=spec.model.dtype, device=device).eval().requires_grad_(False)
+    engine = build_engine(model, grpo)
+    eos_ids = sorted({tokenizer.eos_token_id, *_as_list(model.generation_config.eos_token_id)} - {None})
+    sampler = TransformersSampler(engine.module, eos_token_ids=eos_ids, pad_token_id=tokenizer.pad_token_id)
+    scorer = RewardScorer(spec.rewards)
+    log = MetricsLog(run_dir / "metrics.jsonl", total_steps=grpo.max_steps, enabled=rank == 0, show_progress=show_progress)
+
+    # ---- the loop
+    for step in range(grpo.max_steps):
+        timer = StepTimer()
+        step_prompts = _prompts_for_step(prompts, step, rank, world_size, prompts_per_rank, grpo.seed)
+        with timer("generate"):
+            rollouts = sampler.generate(
+                [prompt.token_ids for prompt in step_prompts],
+                num_generations=grpo.num_generations,
+                max_new_tokens=grpo.max_completion_length,
+                temperature=grpo.temperature,
+                top_p=grpo.top_p,
+                seed=_sampling_seed(grpo.seed, step, rank, world_size),
+            )
+        with timer("score"):
+            texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
+            golds = [prompt.problem.answer for prompt in step_prompts for _ in range(grpo.num_generations)]
+            scored = scorer.score(texts, golds, [len(ids) for ids in rollouts.completion_ids])
+            rewards = torch.tensor(scored.total, dtype=torch.float32)
+            all_rewards = _all_gather(rewards, device)
+            advantages = group_advantages(all_rewards, grpo.num_generations, grpo.scale_rewards)
+            advantages = advantages.view(world_size, -1)[rank].to(device)
+        with timer("train"):
+            batch = _padded_batch(rollouts, tokenizer.pad_token_id, device)
+            completion_mask = batch.completion_mask
+            if grpo.mask_truncated_completions:
+                completion_mask = mask_truncated_completions(completion_mask, batch.truncated)
+            active_tokens = _all_reduce_sum(completion_mask.sum().float())
+            with torch.no_grad():
+                old_logps = _completion_logps(engine, batch, grpo.temperature)[0] if grpo.num_iterations > 1 else None
+                ref_logps = _completion_logps(reference, batch, grpo.temperature)[0] if reference is not None else None
+            step_metrics: dict[str, list[float]] = {}
+            micro = grpo.per_device_batch_size
+            for _ in range(grpo.num_iterations):
+                for start in range(0, len(rollouts), micro):
+                    rows = slice(start, start + micro)
+                    logps, entropy = _completion_logps(engine, _rows(batch, rows), grpo.temperature)
+                    loss, metrics = grpo_loss(
+                        logps,
+                        completion_mask[rows],
+                        advantages[rows],
+                        old_logps=None if old_logps is None else old_logps[rows],
+                        ref_logps=None if ref_logps is None else ref_logps[rows],
+                        sampler_logps=batch.sampler_logps[rows],
+                        loss_type=grpo.loss_type,
+                        beta=grpo.beta,
+                        epsilon=grpo.epsilon,
+                        epsilon_high=grpo.epsilon_high,
+                        importance_sampling=grpo.importance_sampling,
+                        importance_sampling_cap=grpo.importance_sampling_cap,
+                        max_completion_length=grpo.max_completion_length,
+                        # DeepSpeed divides by the accumulation steps itself in engine.backward.
+                        gradient_accumulation_steps=1,
+                        num_items_in_batch=active_tokens,
+                        # ...and averages over ranks, so dapo's token count is shared out over both.
+                        num_processes=world_size * grpo.gradient_accumulation_steps,
+                    )
+                    engine.backward(loss)
+                    engine.step()
+                    metrics["entropy"] = _masked_mean(entropy, completion_mask[rows])
+                    for name, value in metrics.items():
+                        step_metrics.setdefault(name, []).append(float(value))
+        log.step(
+            step + 1,
+            rewards=all_rewards,
+            per_function={name: _all_gather(torch.tensor(v), device) for name, v in scored.per_function.items()},
+            reward_failures=dict(scored.failures),
+            completion_lengths=_all_gather(torch.tensor([len(c) for c in rollouts.completion_ids]), device),
+            truncated=_all_gather(torch.tensor(rollouts.truncated), device),
+            num_generations=grpo.num_generations,
+            loss_metrics={name: sum(values) / len(values) for name, values in step_metrics.items()},
+            learning_rate=engine.get_lr()[0],
+            timer=timer,
+            sample=(texts[0], golds[0]),
+        )
+
+    final_dir = run_dir / "final"
+    if rank == 0:
+        engine.module.save_pretrained(final_dir, safe_serialization=True)
+        tokenizer.save_pretrained(final_dir)
+    dist.barrier()
+    log.close(final_dir)
+    return final_dir
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _prompts_for_step(prompts, step, rank, world_size, prompts_per_rank, seed):
+    """This rank's prompts for ``step``: epochs of a seeded permutation, cut into equal shares.
+    A pure function of the step, so a resumed run sees exactly the prompts it would have seen."""
+    per_step = prompts_per_rank * world_size
+    start = step * per_step + rank * prompts_per_rank
+    chosen = []
+    for index in range(start, start + prompts_per_rank):
+        epoch, position = divmod(index, len(prompts))
+        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed + epoch))
+        chosen.append(prompts[int(order[position])])
+    return chosen
+
+
+def _sampling_seed(seed: int, step: int, rank: int, world_size: int) -> int:
+    return seed * 1_000_003 + step * world_size + rank
+
+
+def _padded_batch(rollouts: Rollouts, pad_id: int, device) -> Batch:
+    rows = len(rollouts)
+    width = max(len(p) + len(c) for p, c in zip(rollouts.prompt_ids, rollouts.completion_ids))
+    longest = max(map(len, rollouts.completion_ids))
+    input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((rows, width), dtype=torch.long)
+    completion_ids = torch.full((rows, longest), pad_id, dtype=torch.long)
+    completion_mask = torch.zeros((rows, longest))
+    sampler_logps = torch.zeros((rows, longest))
+    for row, (prompt, completion, logps) in enumerate(
+        zip(rollouts.prompt_ids, rollouts.completion_ids, rollouts.sampler_logprobs)
+    ):
+        sequence = prompt + completion
+        input_ids[row, : len(sequence)] = torch.tensor(sequence)
+        attention_mask[row, : len(sequence)] = 1
+        completion_ids[row, : len(completion)] = torch.tensor(completion)
+        completion_mask[row, : len(completion)] = 1
+        sampler_logps[row, : len(completion)] = torch.tensor(logps)
+    return Batch(
+        input_ids.to(device),
+        attention_mask.to(device),
+        [len(p) for p in rollouts.prompt_ids],
+        completion_ids.to(device),
+        completion_mask.to(device),
+        torch.tensor(rollouts.truncated, device=device),
+        sampler_logps.to(device),
+    )
+
+
+def _rows(batch: Batch, rows: slice) -> Batch:
+    return Batch(
+        batch.input_ids[rows],
+        batch.attention_mask[rows],
+        batch.prompt_lengths[rows],
+        batch.completion_ids[rows],
+        batch.completion_mask[rows],
+        batch.truncated[rows],
+        batch.sampler_logps[rows],
+    )
+
+
+def _completion_logps(model, batch: Batch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π(o_t | q, o_<t) of each completion token at the sampling temperature, and the entropy of
+    π at that position, both [B, T] (0 past a completion's end). Logits are taken only where the
+    completion is, one row at a time, so memory grows with T, not with the whole sequence."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    rows, width = batch.completion_ids.shape
+    logps = torch.zeros((rows, width), dtype=torch.float32, device=logits.device)
+    entropy = torch.zeros((rows, width), dtype=torch.float32, device=logits.device)
+    for row in range(rows):
+        length = int(batch.completion_mask[row].sum())
+        start = batch.prompt_lengths[row] - 1  # the logits at position p predict the token at p + 1
+        log_probs = torch.log_softmax(logits[row, start : start + length].float() / temperature, dim=-1)
+        tokens = batch.completion_ids[row, :length]
+        logps[row, :length] = log_probs.gather(-1, tokens[:, None]).squeeze(-1)
+        entropy[row, :length] = -(log_probs.exp() * log_probs).sum(-1).detach()
+    return logps, entropy
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    return float((values * mask).sum() / mask.sum().clamp(min=1))
+
+
+def _all_gather(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Every rank's ``values`` (same length on each), concatenated in rank order, on the CPU.
+    They travel through ``device``: NCCL moves only GPU tensors."""
+    if dist.get_world_size() == 1:
+        return values
+    values = values.to(device)
+    parts = [torch.empty_like(values) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, values.contiguous())
+    return torch.cat(parts).cpu()
+
+
+def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks of ``value``, a tensor already on this rank's device."""
+    if dist.get_world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+    return value
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
