@@ -276,6 +276,23 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
+def s3(monkeypatch: pytest.MonkeyPatch):
+    """An in-process fake S3 (moto's mock, no server) with the buckets grpo-data and grpo-models,
+    for code paths that only need S3 to answer; faults need the server fixtures above."""
+    import boto3
+    from moto import mock_aws
+
+    for name, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    with mock_aws():
+        client = boto3.client("s3", region_name="us-east-1")
+        for bucket_name in ("grpo-data", "grpo-models"):
+            client.create_bucket(Bucket=bucket_name)
+        yield client
+
+
+@pytest.fixture
 def fault_proxy(moto_server: MotoServer) -> Iterator[FaultProxy]:
     """A FaultProxy in front of the moto server, injecting nothing until told to."""
     proxy = FaultProxy(moto_server.endpoint)

@@ -233,19 +233,6 @@ def test_hub_dataset_unreachable_names_the_id(tmp_path):
 # --------------------------------------------------------------------------------------- s3
 
 
-@pytest.fixture
-def s3(monkeypatch):
-    """An in-process fake S3 (moto) with the bucket grpo-data."""
-    moto = pytest.importorskip("moto")
-    for name, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    with moto.mock_aws():
-        import boto3
-
-        client = boto3.client("s3", region_name="us-east-1")
-        client.create_bucket(Bucket="grpo-data")
-        yield client
 
 
 def test_s3_file_and_saved_dataset_prefix(tmp_path, s3):

@@ -88,19 +88,6 @@ def test_local_sources_that_are_not_models(tmp_path):
         resolve_model_source(str(tmp_path / "weights.bin"))
 
 
-@pytest.fixture
-def s3(monkeypatch):
-    """An in-process fake S3 (moto) with the bucket grpo-models."""
-    moto = pytest.importorskip("moto")
-    for name, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    with moto.mock_aws():
-        import boto3
-
-        client = boto3.client("s3", region_name="us-east-1")
-        client.create_bucket(Bucket="grpo-models")
-        yield client
 
 
 def test_s3_checkpoint_is_downloaded_fresh_and_loads(tiny_model_dir, tmp_path, s3):
