@@ -171,8 +171,10 @@ REWARD_PARAMETERS: dict[str, dict[str, Any]] = {
 class RewardParams(APIModel):
     """Parameters of one reward function; which apply depends on the reward (see REWARD_PARAMETERS)."""
 
-    min_value_wrong: float | None = Field(default=None, description="cosine: reward of a wrong answer at max_len.")
-    max_value_wrong: float | None = Field(default=None, description="cosine: reward of an empty wrong answer.")
+    # Open-RS's naming: a wrong answer goes from min_value_wrong (empty) to max_value_wrong (at
+    # max_len), so with 0.0 / -0.5 a longer wrong answer is penalised more.
+    min_value_wrong: float | None = Field(default=None, description="cosine: reward of an empty wrong answer.")
+    max_value_wrong: float | None = Field(default=None, description="cosine: reward of a wrong answer at max_len.")
     min_value_correct: float | None = Field(default=None, description="cosine: reward of a right answer at max_len.")
     max_value_correct: float | None = Field(default=None, description="cosine: reward of an empty right answer.")
     max_len: int | None = Field(default=None, ge=1, description="cosine: length at which the cosine reaches its end.")
