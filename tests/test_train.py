@@ -101,3 +101,20 @@ def test_report_plots_the_curves_and_names_a_missing_file(tmp_path, capsys):
     (run_dir / "metrics.jsonl").write_text("{not json\n")
     assert grpo(["report", str(run_dir)]) == 2
     assert "metrics.jsonl:1" in capsys.readouterr().err
+
+
+def test_train_names_an_unreachable_s3_dataset_without_a_traceback(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from grpo_trainer.cli import main as grpo
+
+    for name, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_EC2_METADATA_DISABLED": "true",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    run = manifest(tiny_model_dir)
+    run["spec"]["dataset"]["source"] = "s3://grpo-data/train.jsonl"
+    # Port 9 on loopback: nothing listens, so the store is unreachable at once.
+    run["spec"]["checkpoints"] = {"storage": "s3://grpo-checkpoints/runs", "endpointUrl": "http://127.0.0.1:9"}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run))
+    assert grpo(["train", str(path), "--run-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "s3://grpo-data" in err and "Traceback" not in err

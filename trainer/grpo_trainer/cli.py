@@ -50,12 +50,13 @@ def train(args: argparse.Namespace) -> int:
 
     from grpo_trainer.data import DatasetError
     from grpo_trainer.model import ModelError
+    from grpo_trainer.storage import StorageError
     from grpo_trainer.train import TrainingError
     from grpo_trainer.train import train as train_run
 
     try:
         train_run(run, run_dir)
-    except (DatasetError, ModelError, TrainingError) as error:
+    except (DatasetError, ModelError, StorageError, TrainingError) as error:
         console.print(f"[red]✗[/red] {args.manifest}: {error}")
         return EXIT_INVALID
     return 0

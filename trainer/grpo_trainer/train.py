@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -68,10 +68,12 @@ def train(run: GRPORun, run_dir: Path, *, show_progress: bool = True) -> Path:
     torch.manual_seed(grpo.seed + rank)
 
     # ---- data and model
-    location = resolve_model_source(spec.model.source, revision=spec.model.revision)
+    # s3:// data and models live in the same store as the checkpoints, so they share its endpoint.
+    endpoint_url = spec.checkpoints.endpoint_url
+    location = resolve_model_source(spec.model.source, revision=spec.model.revision, endpoint_url=endpoint_url)
     tokenizer = load_tokenizer(location)
     prompts = build_prompts(
-        load_problems(spec.dataset),
+        load_problems(spec.dataset, endpoint_url=endpoint_url),
         tokenizer,
         system_prompt=spec.dataset.system_prompt,
         max_prompt_length=grpo.max_prompt_length,
@@ -220,15 +222,7 @@ def _padded_batch(rollouts: Rollouts, pad_id: int, device) -> Batch:
 
 
 def _rows(batch: Batch, rows: slice) -> Batch:
-    return Batch(
-        batch.input_ids[rows],
-        batch.attention_mask[rows],
-        batch.prompt_lengths[rows],
-        batch.completion_ids[rows],
-        batch.completion_mask[rows],
-        batch.truncated[rows],
-        batch.sampler_logps[rows],
-    )
+    return Batch(**{field.name: getattr(batch, field.name)[rows] for field in fields(Batch)})
 
 
 def _completion_logps(model, batch: Batch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:

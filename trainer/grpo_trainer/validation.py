@@ -113,7 +113,7 @@ def _cel_value(data: Any):
 
 
 def _from_pydantic(error: dict[str, Any], manifest: dict[str, Any]) -> FieldError:
-    location = [part for part in error["loc"] if not _is_union_tag(part)]
+    location = list(error["loc"])
     path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in location).lstrip(".")
     kind = error["type"]
     if kind == "missing":
@@ -124,12 +124,6 @@ def _from_pydantic(error: dict[str, Any], manifest: dict[str, Any]) -> FieldErro
     if "input" in error and kind not in ("model_type", "dict_type", "list_type"):
         message += f" (got {error['input']!r})"
     return FieldError(path, message)
-
-
-def _is_union_tag(part: Any) -> bool:
-    # pydantic puts the chosen union member in the location, e.g. ("spec", "model", "str"); the user
-    # never wrote those, so they are dropped.
-    return isinstance(part, str) and (part in {"str", "int", "float", "bool", "list", "dict"} or "[" in part)
 
 
 def _suggestion(location: list[Any], manifest: dict[str, Any]) -> str:
