@@ -23,6 +23,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from grpo_trainer.storage import LocalStorage, MiB, S3Options, S3Storage, Storage, open_storage
+
 REGION = "us-east-1"
 
 # Runs in a child process, so moto's global state (IAM auth switched on, backends) never meets a
@@ -298,3 +300,36 @@ def fault_proxy(moto_server: MotoServer) -> Iterator[FaultProxy]:
     proxy = FaultProxy(moto_server.endpoint)
     yield proxy
     proxy.close()
+
+
+# ------------------------------------------------------------- one store, on each backend
+
+# Small parts (S3's minimum) so a 12 MiB file is a 3-part upload; short timeouts so faults are quick.
+FAST = S3Options(max_attempts=4, connect_timeout=1, read_timeout=2, multipart_chunksize=5 * MiB, max_concurrency=4)
+MULTIPART_SIZE = 12 * MiB
+
+
+@pytest.fixture(params=["file", "s3"])
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
+    """The same checkpoint store, on each backend."""
+    if request.param == "file":
+        return open_storage(f"file://{tmp_path / 'store'}")
+    name = request.getfixturevalue("bucket")
+    server: MotoServer = request.getfixturevalue("moto_server")
+    return open_storage(f"s3://{name}/runs/demo", endpoint_url=server.endpoint, s3_options=FAST)
+
+
+def corrupt(storage: Storage, key: str, server: MotoServer) -> None:
+    """Flip one byte of a stored object behind the storage layer's back."""
+    if isinstance(storage, LocalStorage):
+        path = storage.root / key
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(data)
+        return
+    assert isinstance(storage, S3Storage)
+    client = server.client()
+    full_key = f"{storage.prefix}/{key}"
+    data = bytearray(client.get_object(Bucket=storage.bucket, Key=full_key)["Body"].read())
+    data[len(data) // 2] ^= 0xFF
+    client.put_object(Bucket=storage.bucket, Key=full_key, Body=bytes(data))

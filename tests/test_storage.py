@@ -15,14 +15,18 @@ from pathlib import Path
 
 import pytest
 from fixtures_s3 import (  # noqa: F401 (fixtures)
+    FAST,
+    MULTIPART_SIZE,
     FaultProxy,
     MotoServer,
     bucket,
     complete_multipart_upload,
+    corrupt,
     fault_proxy,
     get_object,
     moto_server,
     s3_env,
+    storage,
     upload_part,
 )
 from grpo_trainer.storage import (
@@ -32,28 +36,12 @@ from grpo_trainer.storage import (
     LocalStorage,
     MiB,
     NotFoundError,
-    S3Options,
     S3Storage,
     Storage,
     StorageError,
     UnreachableError,
     open_storage,
 )
-
-# Small parts (S3's minimum) so a 12 MiB file is a 3-part upload; short timeouts so faults are quick.
-FAST = S3Options(max_attempts=4, connect_timeout=1, read_timeout=2, multipart_chunksize=5 * MiB, max_concurrency=4)
-MULTIPART_SIZE = 12 * MiB
-
-
-@pytest.fixture(params=["file", "s3"])
-def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
-    """The same checkpoint store, on each backend."""
-    if request.param == "file":
-        return open_storage(f"file://{tmp_path / 'store'}")
-    name = request.getfixturevalue("bucket")
-    server: MotoServer = request.getfixturevalue("moto_server")
-    return open_storage(f"s3://{name}/runs/demo", endpoint_url=server.endpoint, s3_options=FAST)
-
 
 def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -172,22 +160,6 @@ def test_a_corrupted_object_is_detected(storage: Storage, tmp_path: Path, moto_s
     assert not list(target.parent.iterdir())  # no temporary file left either
     with pytest.raises(IntegrityError):
         storage.download_dir("step-1", tmp_path / "again", sha256={"model.safetensors": uploaded.sha256})
-
-
-def corrupt(storage: Storage, key: str, server: MotoServer) -> None:
-    """Flip one byte of a stored object behind the storage layer's back."""
-    if isinstance(storage, LocalStorage):
-        path = storage.root / key
-        data = bytearray(path.read_bytes())
-        data[len(data) // 2] ^= 0xFF
-        path.write_bytes(data)
-        return
-    assert isinstance(storage, S3Storage)
-    client = server.client()
-    full_key = f"{storage.prefix}/{key}"
-    data = bytearray(client.get_object(Bucket=storage.bucket, Key=full_key)["Body"].read())
-    data[len(data) // 2] ^= 0xFF
-    client.put_object(Bucket=storage.bucket, Key=full_key, Body=bytes(data))
 
 
 def test_download_dir_requires_every_expected_file(storage: Storage, tmp_path: Path) -> None:

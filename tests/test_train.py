@@ -13,6 +13,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
+from grpo_trainer.storage import LocalStorage
 from grpo_trainer.train import TrainingError, prompts_per_step, train
 from grpo_trainer.validation import validate_manifest
 
@@ -54,7 +55,9 @@ def test_train_writes_a_metrics_line_per_step_and_a_loadable_model_that_changed(
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MASTER_PORT", "29541")
     run = validate_manifest(manifest(tiny_model_dir, beta=0.04))
-    final = train(run, tmp_path, show_progress=False)
+    outcome = train(run, tmp_path, LocalStorage(tmp_path), show_progress=False)
+    assert outcome.completed and outcome.step == 2
+    final = outcome.model_uri.removeprefix("file://")
 
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [record["step"] for record in records] == [1, 2]
@@ -82,7 +85,7 @@ def test_grpo_train_on_two_cpu_processes_under_torchrun(tiny_model_dir, tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
     assert [record["step"] for record in records] == [1, 2]  # one line per step, from rank 0 only
-    assert (tmp_path / "runs" / "tiny" / "final" / "model.safetensors").is_file()
+    assert (tmp_path / "runs" / "tiny" / "checkpoints" / "step-00000002" / "model" / "model.safetensors").is_file()
 
 
 def test_report_plots_the_curves_and_names_a_missing_file(tmp_path, capsys):
@@ -103,7 +106,8 @@ def test_report_plots_the_curves_and_names_a_missing_file(tmp_path, capsys):
     assert "metrics.jsonl:1" in capsys.readouterr().err
 
 
-def test_train_names_an_unreachable_s3_dataset_without_a_traceback(tiny_model_dir, tmp_path, capsys, monkeypatch):
+def test_train_names_an_unreachable_store_before_any_work(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from grpo_trainer.cli import EXIT_RETRYABLE
     from grpo_trainer.cli import main as grpo
 
     for name, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_EC2_METADATA_DISABLED": "true",
@@ -115,6 +119,36 @@ def test_train_names_an_unreachable_s3_dataset_without_a_traceback(tiny_model_di
     run["spec"]["checkpoints"] = {"storage": "s3://grpo-checkpoints/runs", "endpointUrl": "http://127.0.0.1:9"}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(run))
-    assert grpo(["train", str(path), "--run-dir", str(tmp_path / "runs")]) == 2
+    # Unreachable may pass (the operator retries), unlike bad credentials, which test_checkpoint covers.
+    assert grpo(["train", str(path), "--run-dir", str(tmp_path / "runs")]) == EXIT_RETRYABLE
     err = capsys.readouterr().err
-    assert "s3://grpo-data" in err and "Traceback" not in err
+    assert "s3://grpo-checkpoints/runs/tiny" in err and "cannot reach" in err and "Traceback" not in err
+    assert not (tmp_path / "runs" / "tiny" / "metrics.jsonl").exists()  # failed before any training
+
+
+def test_train_leaves_the_operator_a_termination_message(tiny_model_dir, tmp_path, monkeypatch):
+    """In a pod the kubelet provides /dev/termination-log; a bad dataset must end up there as a
+    permanent failure that names the file, and a finished run as completed with its checkpoint."""
+    from grpo_trainer import cli
+    from grpo_trainer.termination import Outcome, TerminationMessage
+
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MASTER_PORT", "29547")
+    termination_log = tmp_path / "termination-log"
+    termination_log.touch()
+    monkeypatch.setattr(cli, "TERMINATION_LOG", str(termination_log))
+
+    body = manifest(tiny_model_dir, maxSteps=1)
+    body["spec"]["dataset"]["source"] = str(tmp_path / "missing.jsonl")
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(body))
+    assert cli.main(["train", str(path), "--run-dir", str(tmp_path / "runs")]) == cli.EXIT_INVALID
+    ended = TerminationMessage.parse(termination_log.read_text())
+    assert ended.outcome == Outcome.INVALID and ended.reason == "DatasetError" and "missing.jsonl" in ended.message
+
+    path.write_text(yaml.safe_dump(manifest(tiny_model_dir, maxSteps=1)))
+    assert cli.main(["train", str(path), "--run-dir", str(tmp_path / "runs")]) == 0
+    ended = TerminationMessage.parse(termination_log.read_text())
+    assert ended.outcome == Outcome.COMPLETED and ended.step == 1
+    assert ended.checkpoint_uri == f"file://{tmp_path / 'runs' / 'tiny' / 'checkpoints' / 'step-00000001'}"

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 from rich.console import Console
 
-EXIT_INVALID = 2  # bad input: a manifest that is not a valid GRPORun, a file that cannot be read
+from grpo_trainer.termination import EXIT_INVALID, EXIT_RETRYABLE, TERMINATION_LOG, Outcome, TerminationMessage
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)  # never break a path in two
 
@@ -37,29 +39,52 @@ def train(args: argparse.Namespace) -> int:
     try:
         run = load_manifest(args.manifest)
     except ManifestError as error:
-        console.print(f"[red]✗[/red] {error}")
-        return EXIT_INVALID
-    storage = run.spec.checkpoints.storage
-    if args.run_dir is None and not storage.startswith("file://"):
-        console.print(
-            f"[red]✗[/red] {args.manifest}: spec.checkpoints.storage {storage!r}: this version trains into a "
-            "local directory only; use a file:// storage or pass --run-dir"
-        )
-        return EXIT_INVALID
-    run_dir = Path(args.run_dir or storage.removeprefix("file://")) / run.metadata.name
+        return _ended(TerminationMessage(Outcome.INVALID, reason="InvalidSpec", message=str(error)), EXIT_INVALID)
 
+    from grpo_trainer.checkpoint import CheckpointWriteError
     from grpo_trainer.data import DatasetError
     from grpo_trainer.model import ModelError
-    from grpo_trainer.storage import StorageError
+    from grpo_trainer.storage import StorageError, UnreachableError, open_storage
     from grpo_trainer.train import TrainingError
     from grpo_trainer.train import train as train_run
 
+    run_dir, storage_uri = run_locations(run, args.run_dir)
     try:
-        train_run(run, run_dir)
-    except (DatasetError, ModelError, StorageError, TrainingError) as error:
+        outcome = train_run(run, run_dir, open_storage(storage_uri, endpoint_url=run.spec.checkpoints.endpoint_url))
+    except (UnreachableError, CheckpointWriteError) as error:  # may pass: the operator retries
         console.print(f"[red]✗[/red] {args.manifest}: {error}")
-        return EXIT_INVALID
-    return 0
+        return EXIT_RETRYABLE
+    except (DatasetError, ModelError, StorageError, TrainingError) as error:
+        message = f"{args.manifest}: {error}"
+        return _ended(TerminationMessage(Outcome.INVALID, reason=type(error).__name__, message=message), EXIT_INVALID)
+    if outcome.completed:
+        console.print(f"trained {outcome.step} steps\nmetrics: {run_dir / 'metrics.jsonl'}\nfinal model: {outcome.model_uri}")
+        ended = TerminationMessage(Outcome.COMPLETED, step=outcome.step, checkpoint_uri=outcome.checkpoint_uri)
+    else:
+        console.print(f"stopped by SIGTERM after step {outcome.step}; checkpoint: {outcome.checkpoint_uri}")
+        ended = TerminationMessage(Outcome.PREEMPTED, step=outcome.step, checkpoint_uri=outcome.checkpoint_uri)
+    return _ended(ended, 0, quiet=True)
+
+
+def _ended(message: TerminationMessage, status: int, *, quiet: bool = False) -> int:
+    """Say how the run ended: on the terminal, and in a pod (where the kubelet provides the file,
+    and only from the first rank) as the termination message the operator reads."""
+    if not quiet:
+        console.print(f"[red]✗[/red] {message.message}")
+    if Path(TERMINATION_LOG).exists() and os.environ.get("RANK", "0") == "0":
+        message.write(TERMINATION_LOG)
+    return status
+
+
+def run_locations(run, run_dir: str | None) -> tuple[Path, str]:
+    """The local run directory (metrics, checkpoint staging) and the storage URI of the run's
+    checkpoints: ``<storage>/<name>``. ``run_dir`` replaces a file:// storage's path; with s3://
+    it is only the local directory (default: the system's temporary directory)."""
+    name, storage = run.metadata.name, run.spec.checkpoints.storage
+    if storage.startswith("file://"):
+        local = Path(run_dir or storage.removeprefix("file://")) / name
+        return local, f"file://{local.absolute()}"
+    return Path(run_dir or Path(tempfile.gettempdir(), "grpo")) / name, f"{storage.rstrip('/')}/{name}"
 
 
 def report(args: argparse.Namespace) -> int:
@@ -102,7 +127,8 @@ def parser() -> argparse.ArgumentParser:
 
     command = commands.add_parser("train", help="train a GRPORun here (CPU, or GPUs under torchrun/deepspeed)")
     command.add_argument("manifest", metavar="RUN.yaml")
-    command.add_argument("--run-dir", metavar="DIR", help="where metrics and the final model go (default: the spec's file:// storage)")
+    command.add_argument("--run-dir", metavar="DIR", help="local run directory: metrics.jsonl, and the checkpoints too when storage is file:// "
+                         "(default: the spec's file:// path, or the temporary directory)")
     command.set_defaults(handler=train)
 
     command = commands.add_parser("report", help="plot a run's reward, accuracy, length and KL curves to a PNG")

@@ -83,15 +83,23 @@ def step_record(
 
 
 class MetricsLog:
-    """Appends step records to ``path`` and shows progress; a no-op on every rank but the first."""
+    """Writes step records to ``path`` and shows progress; a no-op on every rank but the first.
 
-    def __init__(self, path: Path, *, total_steps: int, enabled: bool, show_progress: bool):
+    ``history`` holds the records of the steps already done (from a checkpoint): the file is
+    rewritten to exactly those before new steps are appended, so a resumed run's stream has every
+    step once, even when the previous attempt logged steps past its last checkpoint.
+    """
+
+    def __init__(self, path: Path, *, total_steps: int, enabled: bool, show_progress: bool, history: list[dict] = ()):
         self.enabled = enabled
         self.path = path
+        self.records = list(history)
         if not enabled:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = path.open("a", encoding="utf-8")
+        self.file = path.open("w", encoding="utf-8")
+        self.file.writelines(json.dumps(record) + "\n" for record in self.records)
+        self.file.flush()
         self.console = Console(stderr=True, soft_wrap=True)
         self.progress = Progress(
             TextColumn("[bold]step"),
@@ -104,13 +112,14 @@ class MetricsLog:
             console=self.console,
             disable=not (show_progress and sys.stderr.isatty()),
         )
-        self.task = self.progress.add_task("train", total=total_steps, reward=0.0, length=0.0)
+        self.task = self.progress.add_task("train", total=total_steps, completed=len(self.records), reward=0.0, length=0.0)
         self.progress.start()
 
     def step(self, step: int, *, sample: tuple[str, str], **measurements) -> dict | None:
         if not self.enabled:
             return None
         record = step_record(step, **measurements)
+        self.records.append(record)
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         self.progress.update(self.task, completed=step, reward=record["reward"], length=record["completions/mean_length"])
@@ -121,9 +130,7 @@ class MetricsLog:
             logger.info("step %d sample (gold %s):\n%s", step, gold, completion)
         return record
 
-    def close(self, final_dir: Path) -> None:
-        if not self.enabled:
-            return
-        self.progress.stop()
-        self.file.close()
-        self.console.print(f"metrics: {self.path}\nfinal model: {final_dir}")
+    def close(self) -> None:
+        if self.enabled:
+            self.progress.stop()
+            self.file.close()

@@ -132,15 +132,23 @@ def _local_location(path: Path, source: str) -> ModelLocation:
 
 
 def _download_checkpoint(source: str, cache_dir: Path | None, endpoint_url: str | None) -> Path:
+    """Download an s3:// model: a trainer checkpoint (…/checkpoints/step-N) fetches only its model/
+    folder, each file verified against the checkpoint's manifest; any other prefix is taken whole."""
+    from grpo_trainer.checkpoint import MODEL_DIR, CheckpointStore, find_checkpoint, split_checkpoint_uri
     from grpo_trainer.storage import open_storage
 
     target = (cache_dir or CACHE_DIR).expanduser() / "models" / source.removeprefix("s3://")
     # A fresh copy: files left from an older checkpoint under the same prefix would be loaded too.
     shutil.rmtree(target, ignore_errors=True)
-    downloaded = open_storage(source, endpoint_url=endpoint_url).download_dir("", target)
-    if not downloaded:
+    checkpoint = split_checkpoint_uri(source)
+    if checkpoint is not None:
+        root, step = checkpoint
+        store = CheckpointStore(open_storage(root, endpoint_url=endpoint_url))
+        store.download(find_checkpoint(store, step), target, only=MODEL_DIR)
+        target = target / MODEL_DIR
+    elif not open_storage(source, endpoint_url=endpoint_url).download_dir("", target):
         raise ModelError(f"{source}: no objects under this prefix")
-    logger.info("downloaded %s (%d files) to %s", source, len(downloaded), target)
+    logger.info("downloaded %s to %s", source, target)
     return target
 
 

@@ -374,7 +374,17 @@ class CheckpointSpec(APIModel):
     )
     every_steps: int = Field(default=50, ge=1)
     keep_last: int = Field(default=3, ge=1, description="Complete checkpoints kept; the best one is never deleted.")
-    resume_from: str | None = Field(default=None, description="Checkpoint URI to start from instead of the newest.")
+    resume_from: str | None = Field(
+        default=None,
+        pattern=r"/checkpoints/step-[0-9]+/?$",
+        description="Checkpoint to resume from instead of the newest: <storage>/<run>/checkpoints/step-N.",
+    )
+    preemption_grace_seconds: int = Field(
+        default=120,
+        ge=10,
+        le=3600,
+        description="On SIGTERM the trainer checkpoints and exits within this; the pod's grace period adds a margin.",
+    )
 
     cel_rules: ClassVar[tuple[CelRule, ...]] = (
         CelRule(
@@ -492,6 +502,9 @@ class GRPORunStatus(APIModel):
     checkpoints: list[CheckpointRef] = Field(default_factory=list)
     latest_checkpoint: CheckpointRef | None = None
     restarts: int = Field(default=0, ge=0)
+    attempt: int = Field(
+        default=0, ge=0, description="The current attempt; each new pod of the run is the next one (0: none yet)."
+    )
     evaluations: list[BenchmarkScore] = Field(default_factory=list)
     scores: Scores | None = None
     best_checkpoint: CheckpointRef | None = None

@@ -10,21 +10,34 @@ and the logged means).
 from __future__ import annotations
 
 import logging
-import time
+import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from grpo_trainer.checkpoint import (
+    MODEL_DIR,
+    CheckpointStore,
+    CheckpointWriteError,
+    TrainerState,
+    checkpoint_prefix,
+    find_checkpoint,
+    restore,
+    split_checkpoint_uri,
+    stage,
+)
 from grpo_trainer.data import build_prompts, load_problems
 from grpo_trainer.engine import build_engine, init_distributed
 from grpo_trainer.loss import group_advantages, grpo_loss, mask_truncated_completions
 from grpo_trainer.metrics import MetricsLog, StepTimer
 from grpo_trainer.model import load_model, load_tokenizer, resolve_model_source
 from grpo_trainer.rewards import RewardScorer
+from grpo_trainer.preemption import Preemption
 from grpo_trainer.rollout import Rollouts, TransformersSampler
-from grpo_trainer.spec import GRPORun
+from grpo_trainer.spec import CheckpointSpec, GRPORun
+from grpo_trainer.storage import Storage, StorageError, open_storage
 
 logger = logging.getLogger(__name__)
 
@@ -58,18 +71,39 @@ def prompts_per_step(run: GRPORun, world_size: int) -> int:
     return completions // grpo.num_generations
 
 
-def train(run: GRPORun, run_dir: Path, *, show_progress: bool = True) -> Path:
-    """Train ``run`` and return the directory of the final model (HF format)."""
+@dataclass(frozen=True)
+class Outcome:
+    """How a call to train() ended: trained to max_steps, or stopped by SIGTERM after a checkpoint."""
+
+    completed: bool
+    step: int
+    checkpoint_uri: str | None
+    model_uri: str | None
+    """The policy of that checkpoint in HF format (its model/ folder)."""
+
+
+def train(run: GRPORun, run_dir: Path, storage: Storage, *, show_progress: bool = True) -> Outcome:
+    """Train ``run`` from its newest complete checkpoint in ``storage`` (or spec.checkpoints.resumeFrom,
+    or from scratch), checkpointing every spec.checkpoints.everySteps and at the end. ``run_dir`` is
+    local: metrics.jsonl and the staging folder of checkpoints."""
     spec, grpo = run.spec, run.spec.grpo
     init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     prompts_per_rank = prompts_per_step(run, world_size)
+    preemption = Preemption(spec.checkpoints.preemption_grace_seconds)
     torch.manual_seed(grpo.seed + rank)
 
-    # ---- data and model
     # s3:// data and models live in the same store as the checkpoints, so they share its endpoint.
     endpoint_url = spec.checkpoints.endpoint_url
+
+    # ---- checkpoints first: a store we cannot write to fails the run before any work
+    store = CheckpointStore(storage)
+    staging = run_dir / ".checkpoint-staging"
+    _on_rank_0(storage.check_access)
+    resumed = _on_rank_0(lambda: _fetch_checkpoint(store, spec.checkpoints, endpoint_url, staging / "resume"))
+
+    # ---- data and model
     location = resolve_model_source(spec.model.source, revision=spec.model.revision, endpoint_url=endpoint_url)
     tokenizer = load_tokenizer(location)
     prompts = build_prompts(
@@ -86,10 +120,30 @@ def train(run: GRPORun, run_dir: Path, *, show_progress: bool = True) -> Path:
     eos_ids = sorted({tokenizer.eos_token_id, *_as_list(model.generation_config.eos_token_id)} - {None})
     sampler = TransformersSampler(engine.module, eos_token_ids=eos_ids, pad_token_id=tokenizer.pad_token_id)
     scorer = RewardScorer(spec.rewards)
-    log = MetricsLog(run_dir / "metrics.jsonl", total_steps=grpo.max_steps, enabled=rank == 0, show_progress=show_progress)
+
+    first_step, history = 0, []
+    if resumed is not None:
+        state = restore(staging / "resume", engine)
+        first_step, history = state.step, state.metrics
+        logger.info("resumed from %s at step %d", resumed, first_step)
+    log = MetricsLog(run_dir / "metrics.jsonl", total_steps=grpo.max_steps, enabled=rank == 0,
+                     show_progress=show_progress, history=history)
+
+    def save(step: int) -> str:
+        state = TrainerState(step, world_size, grpo.seed, log.records)
+        stage(staging / "save", engine, tokenizer, state)
+        since_last = [record["reward"] for record in log.records[-spec.checkpoints.every_steps :]]
+        score = sum(since_last) / len(since_last) if since_last else None
+        try:
+            _on_rank_0(lambda: store.upload(staging / "save", step, world_size, score, keep_last=spec.checkpoints.keep_last))
+        except StorageError as error:
+            raise CheckpointWriteError(f"checkpoint of step {step}: {error}") from error
+        return storage.uri_for(checkpoint_prefix(step))
 
     # ---- the loop
-    for step in range(grpo.max_steps):
+    saved_step, saved_uri = first_step, resumed
+    step = first_step
+    while step < grpo.max_steps and not preemption.requested():
         timer = StepTimer()
         step_prompts = _prompts_for_step(prompts, step, rank, world_size, prompts_per_rank, grpo.seed)
         with timer("generate"):
@@ -101,6 +155,8 @@ def train(run: GRPORun, run_dir: Path, *, show_progress: bool = True) -> Path:
                 top_p=grpo.top_p,
                 seed=_sampling_seed(grpo.seed, step, rank, world_size),
             )
+        if preemption.requested():  # the rollouts are cheap to redo; the weights have not changed yet
+            break
         with timer("score"):
             texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
             golds = [prompt.problem.answer for prompt in step_prompts for _ in range(grpo.num_generations)]
@@ -110,66 +166,105 @@ def train(run: GRPORun, run_dir: Path, *, show_progress: bool = True) -> Path:
             advantages = group_advantages(all_rewards, grpo.num_generations, grpo.scale_rewards)
             advantages = advantages.view(world_size, -1)[rank].to(device)
         with timer("train"):
-            batch = _padded_batch(rollouts, tokenizer.pad_token_id, device)
-            completion_mask = batch.completion_mask
-            if grpo.mask_truncated_completions:
-                completion_mask = mask_truncated_completions(completion_mask, batch.truncated)
-            active_tokens = _all_reduce_sum(completion_mask.sum().float())
-            with torch.no_grad():
-                old_logps = _completion_logps(engine, batch, grpo.temperature)[0] if grpo.num_iterations > 1 else None
-                ref_logps = _completion_logps(reference, batch, grpo.temperature)[0] if reference is not None else None
-            step_metrics: dict[str, list[float]] = {}
-            micro = grpo.per_device_batch_size
-            for _ in range(grpo.num_iterations):
-                for start in range(0, len(rollouts), micro):
-                    rows = slice(start, start + micro)
-                    logps, entropy = _completion_logps(engine, _rows(batch, rows), grpo.temperature)
-                    loss, metrics = grpo_loss(
-                        logps,
-                        completion_mask[rows],
-                        advantages[rows],
-                        old_logps=None if old_logps is None else old_logps[rows],
-                        ref_logps=None if ref_logps is None else ref_logps[rows],
-                        sampler_logps=batch.sampler_logps[rows],
-                        loss_type=grpo.loss_type,
-                        beta=grpo.beta,
-                        epsilon=grpo.epsilon,
-                        epsilon_high=grpo.epsilon_high,
-                        importance_sampling=grpo.importance_sampling,
-                        importance_sampling_cap=grpo.importance_sampling_cap,
-                        max_completion_length=grpo.max_completion_length,
-                        # DeepSpeed divides by the accumulation steps itself in engine.backward.
-                        gradient_accumulation_steps=1,
-                        num_items_in_batch=active_tokens,
-                        # ...and averages over ranks, so dapo's token count is shared out over both.
-                        num_processes=world_size * grpo.gradient_accumulation_steps,
-                    )
-                    engine.backward(loss)
-                    engine.step()
-                    metrics["entropy"] = _masked_mean(entropy, completion_mask[rows])
-                    for name, value in metrics.items():
-                        step_metrics.setdefault(name, []).append(float(value))
+            loss_metrics = _optimize(engine, reference, rollouts, advantages, grpo, tokenizer.pad_token_id, device)
+        step += 1
         log.step(
-            step + 1,
+            step,
             rewards=all_rewards,
             per_function={name: _all_gather(torch.tensor(v), device) for name, v in scored.per_function.items()},
             reward_failures=dict(scored.failures),
             completion_lengths=_all_gather(torch.tensor([len(c) for c in rollouts.completion_ids]), device),
             truncated=_all_gather(torch.tensor(rollouts.truncated), device),
             num_generations=grpo.num_generations,
-            loss_metrics={name: sum(values) / len(values) for name, values in step_metrics.items()},
+            loss_metrics=loss_metrics,
             learning_rate=engine.get_lr()[0],
             timer=timer,
             sample=(texts[0], golds[0]),
         )
+        if step % spec.checkpoints.every_steps == 0 or step == grpo.max_steps:
+            saved_step, saved_uri = step, save(step)
 
-    final_dir = run_dir / "final"
+    if step > 0 and saved_step != step:  # stopped by SIGTERM between checkpoints
+        saved_uri = save(step)
+    log.close()
     if rank == 0:
-        engine.module.save_pretrained(final_dir, safe_serialization=True)
-        tokenizer.save_pretrained(final_dir)
-    dist.barrier()
-    log.close(final_dir)
-    return final_dir
+        shutil.rmtree(staging, ignore_errors=True)
+    return Outcome(step == grpo.max_steps, step, saved_uri, saved_uri and f"{saved_uri}/{MODEL_DIR}")
+
+
+def _optimize(engine, reference, rollouts: Rollouts, advantages, grpo, pad_token_id: int, device) -> dict[str, float]:
+    """The training phase of one step: ``num_iterations`` passes over this rank's rollouts in
+    micro-batches through the engine; returns the loss metrics averaged over micro-batches."""
+    world_size = dist.get_world_size()
+    batch = _padded_batch(rollouts, pad_token_id, device)
+    completion_mask = batch.completion_mask
+    if grpo.mask_truncated_completions:
+        completion_mask = mask_truncated_completions(completion_mask, batch.truncated)
+    active_tokens = _all_reduce_sum(completion_mask.sum().float())
+    with torch.no_grad():
+        old_logps = _completion_logps(engine, batch, grpo.temperature)[0] if grpo.num_iterations > 1 else None
+        ref_logps = _completion_logps(reference, batch, grpo.temperature)[0] if reference is not None else None
+    step_metrics: dict[str, list[float]] = {}
+    micro = grpo.per_device_batch_size
+    for _ in range(grpo.num_iterations):
+        for start in range(0, len(rollouts), micro):
+            rows = slice(start, start + micro)
+            logps, entropy = _completion_logps(engine, _rows(batch, rows), grpo.temperature)
+            loss, metrics = grpo_loss(
+                logps,
+                completion_mask[rows],
+                advantages[rows],
+                old_logps=None if old_logps is None else old_logps[rows],
+                ref_logps=None if ref_logps is None else ref_logps[rows],
+                sampler_logps=batch.sampler_logps[rows],
+                loss_type=grpo.loss_type,
+                beta=grpo.beta,
+                epsilon=grpo.epsilon,
+                epsilon_high=grpo.epsilon_high,
+                importance_sampling=grpo.importance_sampling,
+                importance_sampling_cap=grpo.importance_sampling_cap,
+                max_completion_length=grpo.max_completion_length,
+                # DeepSpeed divides by the accumulation steps itself in engine.backward.
+                gradient_accumulation_steps=1,
+                num_items_in_batch=active_tokens,
+                # ...and averages over ranks, so dapo's token count is shared out over both.
+                num_processes=world_size * grpo.gradient_accumulation_steps,
+            )
+            engine.backward(loss)
+            engine.step()
+            metrics["entropy"] = _masked_mean(entropy, completion_mask[rows])
+            for name, value in metrics.items():
+                step_metrics.setdefault(name, []).append(float(value))
+    return {name: sum(values) / len(values) for name, values in step_metrics.items()}
+
+
+def _fetch_checkpoint(store: CheckpointStore, checkpoints: CheckpointSpec, endpoint_url, local_dir: Path) -> str | None:
+    """Download the checkpoint to resume from into ``local_dir``: spec.checkpoints.resumeFrom if
+    set, else the newest complete one; returns its URI, or None to start from scratch."""
+    if checkpoints.resume_from:
+        root, step = split_checkpoint_uri(checkpoints.resume_from)
+        source = CheckpointStore(open_storage(root, endpoint_url=endpoint_url))
+        source.download(find_checkpoint(source, step), local_dir)
+        return checkpoints.resume_from
+    manifest = store.fetch_newest(local_dir)
+    return None if manifest is None else store.storage.uri_for(checkpoint_prefix(manifest.step))
+
+
+def _on_rank_0(action):
+    """Run ``action`` on rank 0 only and give every rank its result, or raise its error on every
+    rank (the others would otherwise wait forever at the next collective)."""
+    outcome = [None]
+    if dist.get_rank() == 0:
+        try:
+            outcome[0] = (action(), None)
+        except Exception as error:  # re-raised below, on every rank
+            outcome[0] = (None, error)
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(outcome, src=0)
+    result, error = outcome[0]
+    if error is not None:
+        raise error
+    return result
 
 
 # ------------------------------------------------------------------------------------ helpers

@@ -1,0 +1,266 @@
+"""Checkpoints: manifests written last, incomplete and corrupted checkpoints skipped, pruning, and
+whole runs resumed after SIGKILL and SIGTERM ending bitwise equal to an uninterrupted run.
+
+The store tests use staged folders of random bytes on both backends (a directory and moto's S3
+server behind a fault proxy); the resume tests train a tiny model through the real command line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from fixtures_s3 import (  # noqa: F401 (fixtures)
+    FAST,
+    FaultProxy,
+    MotoServer,
+    bucket,
+    corrupt,
+    fault_proxy,
+    moto_server,
+    s3_env,
+    storage,
+)
+from kill_trial import child_env, differences, run_to_end, run_with_kills, train_command
+
+from grpo_trainer.checkpoint import (
+    MANIFEST,
+    CheckpointError,
+    CheckpointStore,
+    checkpoint_prefix,
+    find_checkpoint,
+    split_checkpoint_uri,
+)
+from grpo_trainer.storage import Storage, StorageError, open_storage
+
+
+def staged(root: Path, step: int) -> Path:
+    """A staged checkpoint folder with the layout stage() writes, filled with random bytes."""
+    files = {
+        "model/model.safetensors": os.urandom(40_000),
+        "model/config.json": json.dumps({"step": step}).encode(),
+        "engine/state/zero_pp_rank_0_mp_rank_00_optim_states.pt": os.urandom(20_000),
+        "trainer/state.json": json.dumps({"step": step}).encode(),
+    }
+    folder = root / f"staged-{step}"
+    for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def save(store: CheckpointStore, tmp_path: Path, step: int, score: float | None = None, keep_last: int = 10):
+    return store.upload(staged(tmp_path, step), step, world_size=1, score=score, keep_last=keep_last)
+
+
+def steps(store: CheckpointStore) -> list[int]:
+    return [manifest.step for manifest in store.manifests()]
+
+
+# ------------------------------------------------------------------------------- the store
+
+
+def test_the_manifest_lists_every_file_with_its_size_and_digest(storage: Storage, tmp_path: Path) -> None:
+    store = CheckpointStore(storage)
+    manifest = save(store, tmp_path, 50, score=0.5)
+    local = tmp_path / "staged-50"
+    on_disk = sorted(path.relative_to(local).as_posix() for path in local.rglob("*") if path.is_file())
+    assert sorted(manifest.files) == on_disk
+    for name, entry in manifest.files.items():
+        assert entry.size == (local / name).stat().st_size
+    assert store.manifests() == [manifest]
+
+    restored = store.download(manifest, tmp_path / "restored")
+    assert all((restored / name).read_bytes() == (local / name).read_bytes() for name in on_disk)
+    model_only = store.download(manifest, tmp_path / "model-only", only="model")
+    assert sorted(p.name for p in (model_only / "model").iterdir()) == ["config.json", "model.safetensors"]
+    assert not (model_only / "engine").exists()
+
+
+def test_a_checkpoint_without_a_valid_manifest_does_not_exist(storage: Storage, tmp_path: Path, caplog) -> None:
+    store = CheckpointStore(storage)
+    save(store, tmp_path, 1)
+    # A writer killed before its manifest: files, no manifest.
+    storage.upload_dir(staged(tmp_path, 2), checkpoint_prefix(2))
+    # A manifest that promises a file the store does not have at that size.
+    manifest = save(store, tmp_path, 3)
+    storage.put_bytes(f"{checkpoint_prefix(3)}/model/model.safetensors", b"short")
+    # A manifest that is not one.
+    storage.upload_dir(staged(tmp_path, 4), checkpoint_prefix(4))
+    storage.put_bytes(f"{checkpoint_prefix(4)}/{MANIFEST}", b"{not json")
+    with caplog.at_level(logging.WARNING):
+        assert steps(store) == [1]
+    assert manifest.step == 3
+    assert "incomplete checkpoint" in caplog.text and "not a valid checkpoint manifest" in caplog.text
+    with pytest.raises(CheckpointError, match="step-00000002: no complete checkpoint"):
+        find_checkpoint(store, 2)
+
+
+def test_a_corrupted_checkpoint_falls_back_to_the_previous_one(
+    storage: Storage, tmp_path: Path, moto_server: MotoServer, caplog
+) -> None:
+    store = CheckpointStore(storage)
+    older, newer = save(store, tmp_path, 10), save(store, tmp_path, 20)
+    corrupt(storage, f"{checkpoint_prefix(20)}/engine/state/zero_pp_rank_0_mp_rank_00_optim_states.pt", moto_server)
+    with caplog.at_level(logging.WARNING):
+        fetched = store.fetch_newest(tmp_path / "resume")
+    assert fetched == older and newer.step == 20
+    assert "checkpoint step 20 is corrupted, falling back" in caplog.text
+    assert (tmp_path / "resume" / "trainer" / "state.json").read_text() == '{"step": 10}'
+
+
+def test_pruning_keeps_the_newest_and_the_best_and_clears_leftovers(storage: Storage, tmp_path: Path) -> None:
+    store = CheckpointStore(storage)
+    for step, score in [(1, 0.1), (2, 0.9), (3, 0.2)]:
+        save(store, tmp_path, step, score)
+    storage.upload_dir(staged(tmp_path, 4), checkpoint_prefix(4))  # interrupted save, then the run moved on
+    for step, score in [(5, 0.3), (6, 0.4)]:
+        save(store, tmp_path, step, score, keep_last=2)
+    storage.upload_dir(staged(tmp_path, 7), checkpoint_prefix(7))  # a save in progress: newer than any complete
+    store.prune(keep_last=2)
+    assert steps(store) == [6, 5, 2]  # the newest two and the best (0.9)
+    folders = {obj.key.split("/")[1] for obj in storage.list_objects("checkpoints")}
+    assert folders == {"step-00000002", "step-00000005", "step-00000006", "step-00000007"}
+
+
+def test_a_save_whose_manifest_never_lands_is_ignored(bucket: str, fault_proxy: FaultProxy, tmp_path: Path) -> None:
+    storage = open_storage(f"s3://{bucket}/runs/demo", endpoint_url=fault_proxy.endpoint, s3_options=FAST)
+    store = CheckpointStore(storage)
+    save(store, tmp_path, 1)
+    fault_proxy.fail(times=FAST.max_attempts, status=503, when=lambda method, path: method == "PUT" and MANIFEST in path)
+    with pytest.raises(StorageError):
+        save(store, tmp_path, 2)
+    assert steps(store) == [1]
+    fault_proxy.fail(times=2, status=500)  # transient 5xx are retried through
+    assert store.fetch_newest(tmp_path / "resume").step == 1
+
+
+def test_checkpoint_uris_name_their_run_and_step() -> None:
+    assert split_checkpoint_uri("s3://b/runs/exp2/checkpoints/step-00000050") == ("s3://b/runs/exp2", 50)
+    assert split_checkpoint_uri("file:///x/checkpoints/step-7/") == ("file:///x", 7)
+    assert split_checkpoint_uri("s3://b/runs/exp2") is None
+
+
+# ------------------------------------------------------------------------ whole runs resume
+
+
+def tiny_run(model_dir: Path, storage: str, name: str = "tiny", **checkpoints) -> dict:
+    return {
+        "apiVersion": "grpo.dev/v1alpha1",
+        "kind": "GRPORun",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"source": str(model_dir), "dtype": "float32"},
+            "dataset": {"source": "builtin://arithmetic", "systemPrompt": "Answer in \\boxed{}.", "maxSamples": 64},
+            "rewards": [{"name": "cosine", "params": {"maxLen": 40, "lengthUnit": "characters"}}],
+            "grpo": {"preset": "custom", "numGenerations": 4, "maxPromptLength": 128, "maxCompletionLength": 10,
+                     "temperature": 1.0, "perDeviceBatchSize": 4, "gradientAccumulationSteps": 2,
+                     "learningRate": 1e-2, "warmupRatio": 0.25, "lrScheduler": "cosine", "maxSteps": 6,
+                     "gradientCheckpointing": False, "bf16": False, "seed": 5, "beta": 0.04},
+            "checkpoints": {"storage": storage, "everySteps": 2, "keepLast": 2, **checkpoints},
+        },
+    }
+
+
+def write_manifest(path: Path, body: dict) -> Path:
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+@pytest.mark.slow
+def test_a_run_killed_at_random_moments_ends_bitwise_equal_to_an_uninterrupted_one(tiny_model_dir, tmp_path):
+    manifest = write_manifest(tmp_path / "run.yaml", tiny_run(tiny_model_dir, "file://unused"))
+    env = child_env()
+    run_to_end(manifest, tmp_path / "reference", env)
+    trial = run_with_kills(manifest, tmp_path / "killed", env, kills=3, max_steps=6, step_seconds=1.0, seed=11)
+    assert trial.kills == 3 and trial.attempts == 4
+    assert max(trial.resumed_at) > 0, trial  # at least one attempt really resumed from a checkpoint
+    assert differences(tmp_path / "reference" / "tiny", tmp_path / "killed" / "tiny") == []
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_exits_0_in_time_and_the_run_resumes_exactly(tiny_model_dir, tmp_path):
+    manifest = write_manifest(tmp_path / "run.yaml", tiny_run(tiny_model_dir, "file://unused", preemptionGraceSeconds=60))
+    env = child_env()
+    run_to_end(manifest, tmp_path / "reference", env)
+
+    run_dir, log = tmp_path / "preempted", tmp_path / "preempted.log"
+    with open(log, "w") as stderr:  # a file, not a pipe: nobody reads it while the run goes on
+        child = subprocess.Popen(train_command(manifest, run_dir), env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+    metrics = run_dir / "tiny" / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3):  # between checkpoints 2 and 4
+        assert child.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.05)
+    child.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    child.wait(timeout=120)
+    assert child.returncode == 0, log.read_text()[-3000:]
+    assert time.monotonic() - signalled < 60
+    stopped_at = int(log.read_text().split("stopped by SIGTERM after step ")[1].split(";")[0])
+    assert 3 <= stopped_at < 6
+    assert (run_dir / "tiny" / "checkpoints" / f"step-{stopped_at:08d}" / MANIFEST).is_file()
+
+    subprocess.run(train_command(manifest, run_dir), env=env, check=True, capture_output=True, timeout=300)
+    assert differences(tmp_path / "reference" / "tiny", run_dir / "tiny") == []
+
+
+@pytest.mark.slow
+def test_s3_checkpoints_resume_a_run_and_start_another(tiny_model_dir, tmp_path, bucket, s3_env: MotoServer):
+    """Run A trains to step 4 in S3; run B starts from A's step-2 checkpoint (resumeFrom) and must
+    reach A's step-4 weights exactly; a trainer can start from A's checkpoint as its model."""
+    from kill_trial import final_weights
+
+    from grpo_trainer.model import resolve_model_source
+
+    env = child_env()
+    storage = f"s3://{bucket}/runs"
+    endpoint = {"endpointUrl": s3_env.endpoint}
+    run_a = tiny_run(tiny_model_dir, storage, name="run-a", keepLast=5, **endpoint)
+    run_a["spec"]["grpo"]["maxSteps"] = 4
+    run_to_end(write_manifest(tmp_path / "a.yaml", run_a), tmp_path / "a", env)
+    store = CheckpointStore(open_storage(f"{storage}/run-a", endpoint_url=s3_env.endpoint))
+    assert steps(store) == [4, 2]
+
+    run_b = tiny_run(tiny_model_dir, storage, name="run-b", resumeFrom=f"{storage}/run-a/checkpoints/step-00000002", **endpoint)
+    run_b["spec"]["grpo"]["maxSteps"] = 4
+    run_to_end(write_manifest(tmp_path / "b.yaml", run_b), tmp_path / "b", env)
+    b_store = CheckpointStore(open_storage(f"{storage}/run-b", endpoint_url=s3_env.endpoint))
+    assert steps(b_store) == [4]  # B saved only its own steps...
+    a_final = store.download(store.manifests()[0], tmp_path / "a-final", only="model")
+    b_final = b_store.download(b_store.manifests()[0], tmp_path / "b-final", only="model")
+    assert differences_in_weights(a_final, b_final) == []  # ...and ended where A did
+    b_metrics = [json.loads(line)["step"] for line in (tmp_path / "b" / "run-b" / "metrics.jsonl").read_text().splitlines()]
+    assert b_metrics == [1, 2, 3, 4]  # A's first two records came with the checkpoint
+
+    location = resolve_model_source(f"{storage}/run-a/checkpoints/step-00000004", endpoint_url=s3_env.endpoint,
+                                    cache_dir=tmp_path / "cache")
+    assert sorted(p.name for p in Path(location.path).iterdir() if p.suffix == ".safetensors") == ["model.safetensors"]
+    assert final_weights.__name__  # the helper used above to compare runs reads the same files
+
+
+def differences_in_weights(a: Path, b: Path) -> list[str]:
+    from safetensors.torch import load_file
+
+    first, second = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")
+    return [name for name in first if not (first[name] == second[name]).all()]
+
+
+def test_wrong_credentials_fail_before_any_training(tiny_model_dir, tmp_path, bucket, s3_env: MotoServer, monkeypatch, capsys):
+    from grpo_trainer.cli import EXIT_INVALID
+    from grpo_trainer.cli import main as grpo
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    body = tiny_run(tiny_model_dir, f"s3://{bucket}/runs", endpointUrl=s3_env.endpoint)
+    began = time.monotonic()
+    assert grpo(["train", str(write_manifest(tmp_path / "run.yaml", body)), "--run-dir", str(tmp_path / "runs")]) == EXIT_INVALID
+    err = capsys.readouterr().err
+    assert f"s3://{bucket}/runs/tiny" in err and "credentials" in err.lower() and "Traceback" not in err
+    assert time.monotonic() - began < 20
+    assert not (tmp_path / "runs" / "tiny" / "metrics.jsonl").exists()

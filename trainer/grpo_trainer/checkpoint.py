@@ -1,0 +1,251 @@
+"""Checkpoints in the run's storage: write one per save, find the newest complete one, restore it.
+
+A run's storage root (``<spec.checkpoints.storage>/<run name>``) holds::
+
+    checkpoints/step-00000050/
+        model/              the policy as save_pretrained writes it: loadable by transformers and vLLM
+        engine/             DeepSpeed's own checkpoint: module, ZeRO optimizer partitions, LR scheduler
+        trainer/state.json  step, world size, seed and every step's metrics record so far
+        trainer/rng-rank-N.pt   each rank's RNG states (Python, torch CPU and CUDA)
+        manifest.json       size and sha256 of every file above, written last
+
+A checkpoint without a valid manifest does not exist: a writer killed mid-upload leaves files but
+no manifest, and readers skip it. The data position needs no saving: which prompts a step trains
+on and its sampling seed are pure functions of the step (see train.py).
+
+Every rank writes its share into a local staging folder (the ranks of a run share one node), then
+rank 0 uploads the folder, writes the manifest and prunes old checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from grpo_trainer.storage import IntegrityError, Storage, StorageError
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "checkpoints"
+MANIFEST = "manifest.json"
+MODEL_DIR = "model"
+ENGINE_DIR = "engine"
+ENGINE_TAG = "state"
+STATE_FILE = "trainer/state.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(StorageError):
+    """A checkpoint that cannot be used: named by URI, with the reason."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """Saving a checkpoint failed mid-run (after the store's own retries): worth another attempt."""
+
+
+def checkpoint_prefix(step: int) -> str:
+    return f"{PREFIX}/step-{step:08d}"
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What makes a checkpoint complete: every file with its size and digest."""
+
+    step: int
+    world_size: int
+    files: dict[str, FileEntry]
+    score: float | None = None
+    """Mean reward of the steps since the previous checkpoint; the best score is kept from pruning."""
+    created: float = field(default_factory=time.time)
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=1, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, uri: str) -> Manifest:
+        try:
+            raw = json.loads(data)
+            if raw["format_version"] != FORMAT_VERSION:
+                raise ValueError(f"format_version {raw['format_version']}, this trainer reads {FORMAT_VERSION}")
+            files = {str(name): FileEntry(int(entry["size"]), str(entry["sha256"])) for name, entry in raw["files"].items()}
+            return cls(int(raw["step"]), int(raw["world_size"]), files, raw.get("score"), float(raw["created"]))
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise CheckpointError(f"{uri}: not a valid checkpoint manifest ({error})") from error
+
+
+@dataclass(frozen=True)
+class TrainerState:
+    """What the trainer itself must carry across a restart (the engine carries the rest)."""
+
+    step: int
+    world_size: int
+    seed: int
+    metrics: list[dict]
+
+
+# ------------------------------------------------------------------------------- the store
+
+
+class CheckpointStore:
+    """The checkpoints under one run's storage root."""
+
+    def __init__(self, storage: Storage):
+        self.storage = storage
+
+    def manifests(self) -> list[Manifest]:
+        """Complete checkpoints, newest first: a manifest that parses and whose files are all
+        there at their stated sizes (digests are checked on download)."""
+        sizes = {obj.key: obj.size for obj in self.storage.list_objects(PREFIX)}
+        complete = []
+        for key in sorted(sizes, reverse=True):
+            prefix, _, name = key.rpartition("/")
+            if name != MANIFEST or prefix.count("/") != 1:
+                continue
+            try:
+                manifest = Manifest.from_json(self.storage.get_bytes(key), self.storage.uri_for(key))
+            except StorageError as error:
+                logger.warning("skipping checkpoint %s: %s", self.storage.uri_for(prefix), error)
+                continue
+            missing = [name for name, entry in manifest.files.items() if sizes.get(f"{prefix}/{name}") != entry.size]
+            if prefix != checkpoint_prefix(manifest.step) or missing:
+                logger.warning("skipping incomplete checkpoint %s: missing or short %s", self.storage.uri_for(prefix), missing[:3])
+                continue
+            complete.append(manifest)
+        return complete
+
+    def upload(self, local_dir: Path, step: int, world_size: int, score: float | None, *, keep_last: int) -> Manifest:
+        """Upload a staged checkpoint, then its manifest, then prune to ``keep_last``."""
+        prefix = checkpoint_prefix(step)
+        self.storage.delete(f"{prefix}/{MANIFEST}")  # an older save of this step is no longer complete
+        uploaded = self.storage.upload_dir(local_dir, prefix)
+        files = {item.key.removeprefix(f"{prefix}/"): FileEntry(item.size, item.sha256) for item in uploaded}
+        manifest = Manifest(step, world_size, files, score)
+        self.storage.put_bytes(f"{prefix}/{MANIFEST}", manifest.to_json())
+        self.prune(keep_last)
+        return manifest
+
+    def download(self, manifest: Manifest, local_dir: Path, only: str = "") -> Path:
+        """Fetch a checkpoint (or only the files under the folder ``only``), every file verified
+        against the manifest; raises IntegrityError on a mismatch."""
+        prefix = checkpoint_prefix(manifest.step)
+        wanted = {name: entry for name, entry in manifest.files.items() if not only or name.startswith(f"{only}/")}
+        shutil.rmtree(local_dir, ignore_errors=True)
+        self.storage.download_files(
+            {f"{prefix}/{name}": Path(local_dir, *name.split("/")) for name in wanted},
+            sha256={f"{prefix}/{name}": entry.sha256 for name, entry in wanted.items()},
+        )
+        return local_dir
+
+    def fetch_newest(self, local_dir: Path, only: str = "") -> Manifest | None:
+        """Download the newest complete checkpoint that is intact, falling back past corrupted ones."""
+        for manifest in self.manifests():
+            try:
+                self.download(manifest, local_dir, only)
+            except IntegrityError as error:
+                logger.warning("checkpoint step %d is corrupted, falling back to the previous one: %s", manifest.step, error)
+                continue
+            return manifest
+        return None
+
+    def prune(self, keep_last: int) -> None:
+        """Keep the newest ``keep_last`` complete checkpoints and the best-scoring one; delete the
+        rest, and leftovers of interrupted saves older than the newest complete checkpoint."""
+        complete = self.manifests()
+        if not complete:
+            return
+        keep = {manifest.step for manifest in complete[:keep_last]}
+        scored = [manifest for manifest in complete if manifest.score is not None]
+        if scored:
+            keep.add(max(scored, key=lambda manifest: (manifest.score, manifest.step)).step)
+        newest = complete[0].step
+        complete_steps = {manifest.step for manifest in complete}
+        for prefix in sorted({"/".join(obj.key.split("/")[:2]) for obj in self.storage.list_objects(PREFIX)}):
+            step = _step_of(prefix)
+            if step is None or step in keep or (step not in complete_steps and step > newest):
+                continue
+            self.storage.delete(f"{prefix}/{MANIFEST}")  # first, so a half-deleted checkpoint is never complete
+            self.storage.delete_prefix(prefix)
+            logger.info("deleted checkpoint %s", self.storage.uri_for(prefix))
+
+
+def _step_of(prefix: str) -> int | None:
+    """N for ``checkpoints/step-N``; None for anything else found there."""
+    match = re.fullmatch(rf"{PREFIX}/step-(\d+)", prefix)
+    return int(match.group(1)) if match else None
+
+
+# --------------------------------------------------------------------- what a rank writes
+
+
+def stage(local_dir: Path, engine, tokenizer, state: TrainerState) -> None:
+    """Write this rank's share of a checkpoint into ``local_dir`` (collective: every rank calls it)."""
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(local_dir, ignore_errors=True)
+        engine.module.save_pretrained(local_dir / MODEL_DIR, safe_serialization=True)
+        tokenizer.save_pretrained(local_dir / MODEL_DIR)
+        (local_dir / STATE_FILE).parent.mkdir(parents=True, exist_ok=True)
+        (local_dir / STATE_FILE).write_text(json.dumps(asdict(state)), encoding="utf-8")
+    dist.barrier()
+    engine.save_checkpoint(str(local_dir / ENGINE_DIR), tag=ENGINE_TAG, save_latest=False)
+    torch.save(_rng_states(), local_dir / f"trainer/rng-rank-{rank}.pt")
+    dist.barrier()
+
+
+def restore(local_dir: Path, engine) -> TrainerState:
+    """Load a downloaded checkpoint into ``engine`` and this rank's RNGs; return the trainer state."""
+    state = TrainerState(**json.loads((local_dir / STATE_FILE).read_text(encoding="utf-8")))
+    if state.world_size != dist.get_world_size():
+        raise CheckpointError(
+            f"checkpoint step {state.step} was written by {state.world_size} ranks and this run has "
+            f"{dist.get_world_size()}: ZeRO optimizer partitions cannot be re-split; start from its model instead"
+        )
+    path, _ = engine.load_checkpoint(str(local_dir / ENGINE_DIR), tag=ENGINE_TAG)
+    if path is None:
+        raise CheckpointError(f"{local_dir / ENGINE_DIR}: DeepSpeed found no checkpoint to load")
+    _set_rng_states(torch.load(local_dir / f"trainer/rng-rank-{dist.get_rank()}.pt", weights_only=False))
+    return state
+
+
+def _rng_states() -> dict:
+    states = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def split_checkpoint_uri(uri: str) -> tuple[str, int] | None:
+    """``<run root>/checkpoints/step-N`` → (run root URI, N); None for any other URI."""
+    match = re.fullmatch(rf"(.+)/{PREFIX}/step-(\d+)/?", uri)
+    return (match.group(1), int(match.group(2))) if match else None
+
+
+def find_checkpoint(store: CheckpointStore, step: int) -> Manifest:
+    """The complete checkpoint of ``step`` in ``store``, or a CheckpointError naming its URI."""
+    for manifest in store.manifests():
+        if manifest.step == step:
+            return manifest
+    raise CheckpointError(f"{store.storage.uri_for(checkpoint_prefix(step))}: no complete checkpoint there (no valid manifest)")
