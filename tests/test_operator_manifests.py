@@ -1,0 +1,345 @@
+"""The objects a GRPORun becomes: valid for every Kubernetes version we support, and shaped as the
+trainer, the vLLM sidecar and the scheduler need (checked field by field, without a cluster)."""
+
+from __future__ import annotations
+
+import functools
+import re
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes_validate.utils import all_versions, major_minor
+from packaging.version import Version
+
+from grpo_operator import manifests
+from grpo_operator.manifests import pod_name, resource_names
+from grpo_trainer.cli import parser as grpo_parser
+from grpo_trainer.spec import DNS_LABEL_PATTERN, GRPORun
+from grpo_trainer.validation import load_manifest, validate_manifest
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "exp2-open-rs.yaml"
+UID = "0b9f6c2e-3d4a-4f1b-9c55-7e2a1d8f6a10"
+NAMESPACE = "research"
+LONG_NAME = "open-rs-exp2-cosine-ablation-" + "a" * 34  # the longest name a run can have: 63
+# Every minor version from 1.29 that kubernetes-validate ships schemas for.
+VERSIONS = sorted({major_minor(v) for v in all_versions() if Version(v) >= Version("1.29")}, key=Version)
+
+
+def make_run(name: str | None = None, **spec_edits) -> GRPORun:
+    """exp2-open-rs as the API server would hand it to the operator (with a uid and namespace),
+    with ``section={field: value}`` edits merged into spec.<section>."""
+    manifest = load_manifest(EXAMPLE).model_dump(mode="json", by_alias=True, exclude_none=True)
+    manifest["metadata"] |= {"uid": UID, "namespace": NAMESPACE} | ({"name": name} if name else {})
+    for section, fields in spec_edits.items():
+        manifest["spec"][section] = {key: value for key, value in {**manifest["spec"][section], **fields}.items()
+                                     if value is not None}
+    return validate_manifest(manifest)
+
+
+VARIANTS = {
+    "exp2": {},
+    "no-credentials": {"checkpoints": {"storage": "file:///data/runs", "credentialsSecret": None}},
+    "scheduling": {"resources": {
+        "tolerations": [
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+            {"key": "spot", "value": "true", "effect": "NoExecute", "tolerationSeconds": 300},
+        ],
+        "priorityClassName": "training-high",
+        "gpuProduct": "NVIDIA-H100-80GB-HBM3",
+    }},
+    "any-gpu": {"resources": {"gpuProduct": ""}},
+    "8-gpus-slow-checkpoint": {"resources": {"gpus": 8, "trainerGpus": 7, "vllmGpus": 1},
+                               "checkpoints": {"preemptionGraceSeconds": 300}},
+    "long-name": {"name": LONG_NAME},
+}
+
+
+@functools.cache
+def variant(name: str) -> GRPORun:
+    return make_run(**VARIANTS[name])
+
+
+@pytest.fixture(params=VARIANTS)
+def run(request) -> GRPORun:
+    return variant(request.param)
+
+
+def all_objects(run: GRPORun, attempt: int = 0) -> list[dict]:
+    return [
+        manifests.config_map(run),
+        manifests.service_account(run),
+        manifests.role(run),
+        manifests.role_binding(run),
+        manifests.pod(run, attempt=attempt),
+    ]
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {entry["name"]: entry for entry in container.get("env", [])}
+
+
+def trainer_and_sidecar(pod: dict) -> tuple[dict, dict]:
+    (trainer,) = pod["spec"]["containers"]
+    (sidecar,) = pod["spec"]["initContainers"]
+    return trainer, sidecar
+
+
+# ------------------------------------------------------------------------------ API validity
+
+
+@pytest.fixture(scope="module")
+def cached_schemas():
+    """kubernetes-validate reads a 2 MB schema file again on every call; read each one once."""
+    with pytest.MonkeyPatch.context() as patch:
+        utils = kubernetes_validate.utils
+        patch.setattr(utils, "schema_contents", functools.cache(utils.schema_contents))
+        yield
+
+
+@pytest.mark.usefixtures("cached_schemas")
+@pytest.mark.parametrize("version", VERSIONS)
+def test_every_object_is_valid_for_the_kubernetes_version(version):
+    for name in VARIANTS:
+        for obj in all_objects(variant(name), attempt=12):
+            kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_versions_cover_1_29_to_the_newest_schema():
+    assert VERSIONS[0] == "1.29" and VERSIONS[-1] == major_minor(all_versions()[-1]) and len(VERSIONS) >= 9
+
+
+def test_the_validator_catches_a_malformed_pod():
+    """The strict schemas reject a field the API does not have, so the test above can fail."""
+    pod = manifests.pod(variant("exp2"), attempt=0)
+    pod["spec"]["initContainers"][0]["restartPolicyy"] = "Always"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(pod, VERSIONS[-1], strict=True)
+
+
+# ------------------------------------------------------------------------- ownership and names
+
+
+def test_every_object_is_owned_by_the_run_and_labelled_with_it(run):
+    for obj in all_objects(run):
+        metadata = obj["metadata"]
+        assert metadata["ownerReferences"] == [{
+            "apiVersion": "grpo.dev/v1alpha1", "kind": "GRPORun", "name": run.metadata.name, "uid": UID,
+            "controller": True, "blockOwnerDeletion": True,
+        }], obj["kind"]
+        assert metadata["namespace"] == NAMESPACE
+        assert metadata["labels"]["app.kubernetes.io/name"] == "grpo-operator"
+        assert metadata["labels"]["grpo.dev/run"] == run.metadata.name
+
+
+def test_a_run_without_uid_is_refused_by_name():
+    run = load_manifest(EXAMPLE)
+    with pytest.raises(ValueError, match=r"'open-rs-exp2'.*metadata\.uid"):
+        manifests.config_map(run)
+
+
+@pytest.mark.parametrize("name", ["open-rs-exp2", LONG_NAME, LONG_NAME[:60], "a" * 51 + "-" + "b" * 11])
+@pytest.mark.parametrize("attempt", [0, 7, 1234])
+def test_pod_name_is_a_dns_label_unique_per_run_and_attempt(name, attempt):
+    got = pod_name(name, attempt)
+    assert len(got) <= 63 and re.fullmatch(DNS_LABEL_PATTERN, got), got
+    assert got == pod_name(name, attempt) != pod_name(name, attempt + 1)
+    assert got.endswith(f"-{attempt}")
+    if len(name) + len(str(attempt)) < 63:
+        assert got == f"{name}-{attempt}"
+    else:  # the truncated prefix is shared with other names; the hash of the whole name tells them apart
+        other = name[:-1] + ("z" if name[-1] != "z" else "q")
+        assert pod_name(other, attempt) != got
+
+
+def test_pod_name_rejects_a_negative_attempt():
+    with pytest.raises(ValueError, match="attempt"):
+        pod_name("run", -1)
+
+
+def test_pod_carries_its_attempt_and_the_names_handlers_look_up():
+    run = variant("exp2")
+    pod = manifests.pod(run, attempt=4)
+    names = resource_names(run.metadata.name)
+    assert pod["metadata"]["name"] == pod_name(run.metadata.name, 4)
+    assert pod["metadata"]["labels"]["grpo.dev/attempt"] == "4"
+    assert pod["spec"]["serviceAccountName"] == names.service_account
+    assert {"name": "config", "configMap": {"name": names.config_map}} in pod["spec"]["volumes"]
+    assert [manifests.config_map(run)["metadata"]["name"], manifests.service_account(run)["metadata"]["name"],
+            manifests.role(run)["metadata"]["name"], manifests.role_binding(run)["metadata"]["name"]] == list(names)
+
+
+# --------------------------------------------------------------------------------- config, RBAC
+
+
+def test_config_map_holds_exactly_the_validated_run(run):
+    data = manifests.config_map(run)["data"]
+    assert list(data) == ["run.yaml"]
+    manifest = yaml.safe_load(data["run.yaml"])
+    assert manifest["metadata"] == {"name": run.metadata.name, "namespace": NAMESPACE}  # no uid, no server fields
+    assert "status" not in manifest
+    assert validate_manifest(manifest).spec == run.spec
+
+
+def test_trainer_may_only_read_and_patch_its_own_status_and_record_events(run):
+    role = manifests.role(run)
+    assert role["rules"] == [
+        {"apiGroups": ["grpo.dev"], "resources": ["grporuns/status"], "resourceNames": [run.metadata.name],
+         "verbs": ["get", "patch"]},
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    ]
+    binding = manifests.role_binding(run)
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "namespace": NAMESPACE,
+                                    "name": manifests.service_account(run)["metadata"]["name"]}]
+    assert manifests.pod(run, attempt=0)["spec"]["automountServiceAccountToken"] is True
+
+
+# ------------------------------------------------------------------------------------------ pod
+
+
+def test_gpus_are_split_between_trainer_and_sidecar(run):
+    trainer, sidecar = trainer_and_sidecar(manifests.pod(run, attempt=0))
+    resources = run.spec.resources
+    for container, gpus in ((trainer, resources.trainer_gpus), (sidecar, resources.vllm_gpus)):
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == str(gpus)
+        assert container["resources"]["requests"]["nvidia.com/gpu"] == str(gpus)
+        assert "CUDA_VISIBLE_DEVICES" not in env_of(container)
+    assert resources.trainer_gpus + resources.vllm_gpus == resources.gpus
+    assert f"--tensor-parallel-size={resources.vllm_gpus}" in sidecar["command"]
+    assert trainer["resources"]["requests"]["cpu"] == resources.cpu
+    assert trainer["resources"]["requests"]["memory"] == trainer["resources"]["limits"]["memory"] == resources.memory
+
+
+def test_trainer_command_is_what_torchrun_and_the_cli_accept():
+    from torch.distributed.run import get_args_parser
+
+    run = variant("8-gpus-slow-checkpoint")
+    pod = manifests.pod(run, attempt=0)
+    trainer, _ = trainer_and_sidecar(pod)
+    assert trainer["command"][0] == "torchrun"
+    args = get_args_parser().parse_args(trainer["command"][1:])
+    assert (args.standalone, args.nproc_per_node, args.module, args.training_script) == (True, "7", True,
+                                                                                        "grpo_trainer.cli")
+    assert "SIGTERM" in args.signals_to_handle.split(",")
+    # The trainer's own bound acts first, then torchrun's, then the kubelet's SIGKILL.
+    assert 300 < args.shutdown_timeout < pod["spec"]["terminationGracePeriodSeconds"] <= 300 + 30
+    cli = grpo_parser().parse_args(args.training_script_args)
+    assert cli.command == "train"
+    config_mount = next(m for m in trainer["volumeMounts"] if m["name"] == "config")
+    assert config_mount == {"name": "config", "mountPath": "/etc/grpo", "readOnly": True}
+    assert cli.manifest == f"{config_mount['mountPath']}/{manifests.CONFIG_KEY}"
+
+
+def test_vllm_is_a_native_sidecar_on_loopback_that_the_trainer_reaches(run):
+    trainer, sidecar = trainer_and_sidecar(manifests.pod(run, attempt=0))
+    assert sidecar["restartPolicy"] == "Always"
+    assert sidecar["image"] == run.spec.resources.images.vllm and trainer["image"] == run.spec.resources.images.trainer
+    assert sidecar["imagePullPolicy"] == trainer["imagePullPolicy"] == run.spec.resources.images.pull_policy
+    command = sidecar["command"]
+    assert f"--model={run.spec.model.source}" in command and f"--revision={run.spec.model.revision}" in command
+    assert "--host=127.0.0.1" in command
+    port = next(arg.split("=")[1] for arg in command if arg.startswith("--port="))
+    assert env_of(trainer)["GRPO_VLLM_URL"]["value"] == f"http://127.0.0.1:{port}"
+    for probe in ("startupProbe", "readinessProbe"):
+        assert set(sidecar[probe]) & {"httpGet", "tcpSocket", "grpc"} == set()
+        assert f"127.0.0.1:{port}/health" in " ".join(sidecar[probe]["exec"]["command"])
+    startup = sidecar["startupProbe"]
+    assert startup["failureThreshold"] * startup["periodSeconds"] >= 600  # time to load a 1.5B model
+    assert "livenessProbe" not in sidecar and "livenessProbe" not in trainer
+    assert trainer["terminationMessagePolicy"] == "FallbackToLogsOnError"
+
+
+class _Health(BaseHTTPRequestHandler):
+    status = 200
+
+    def do_GET(self):  # noqa: N802 (the http.server API)
+        self.send_response(self.status if self.path == "/health/" else 404)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("status, passes", [(200, True), (503, False)])
+def test_the_exec_probe_passes_only_on_a_healthy_server(status, passes):
+    handler = type("Health", (_Health,), {"status": status})
+    with ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        _, sidecar = trainer_and_sidecar(manifests.pod(variant("exp2"), attempt=0))
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        command = [arg.replace(manifests.VLLM_URL, url) for arg in sidecar["readinessProbe"]["exec"]["command"]]
+        assert command[0] == "python"
+        result = subprocess.run([sys.executable, *command[1:]], capture_output=True, timeout=30)
+        server.shutdown()
+    assert (result.returncode == 0) is passes, result.stderr
+
+
+def test_shm_is_memory_backed_and_mounted_in_both_containers(run):
+    pod = manifests.pod(run, attempt=0)
+    volumes = {volume["name"]: volume for volume in pod["spec"]["volumes"]}
+    for container in trainer_and_sidecar(pod):
+        (shm,) = [mount for mount in container["volumeMounts"] if mount["mountPath"] == "/dev/shm"]
+        assert volumes[shm["name"]]["emptyDir"] == {"medium": "Memory", "sizeLimit": run.spec.resources.shm_size}
+
+
+def test_s3_credentials_come_from_the_secret_only_when_one_is_named():
+    trainer, _ = trainer_and_sidecar(manifests.pod(variant("exp2"), attempt=0))
+    env = env_of(trainer)
+    for key, optional in (("AWS_ACCESS_KEY_ID", None), ("AWS_SECRET_ACCESS_KEY", None), ("AWS_SESSION_TOKEN", True)):
+        reference = env[key]["valueFrom"]["secretKeyRef"]
+        assert (reference["name"], reference["key"], reference.get("optional")) == ("s3-credentials", key, optional)
+    assert env["GRPO_RUN_NAME"]["value"] == "open-rs-exp2"
+    assert env["GRPO_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+
+    trainer, _ = trainer_and_sidecar(manifests.pod(variant("no-credentials"), attempt=0))
+    assert not any(name.startswith("AWS_") for name in env_of(trainer))
+
+
+def test_scheduling_follows_the_spec():
+    default = manifests.pod(variant("exp2"), attempt=0)["spec"]
+    assert default["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A40"}
+    assert "tolerations" not in default and "priorityClassName" not in default
+    assert default["restartPolicy"] == "Never" and "activeDeadlineSeconds" not in default
+    grace = variant("exp2").spec.checkpoints.preemption_grace_seconds
+    assert grace < default["terminationGracePeriodSeconds"] <= grace + 30
+
+    custom = manifests.pod(variant("scheduling"), attempt=0)["spec"]
+    assert custom["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert custom["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+        {"key": "spot", "operator": "Equal", "value": "true", "effect": "NoExecute", "tolerationSeconds": 300},
+    ]
+    assert custom["priorityClassName"] == "training-high"
+    assert "nodeSelector" not in manifests.pod(variant("any-gpu"), attempt=0)["spec"]
+
+
+def test_pod_runs_as_non_root_with_read_only_roots_and_writable_scratch(run):
+    pod = manifests.pod(run, attempt=0)
+    assert pod["spec"]["securityContext"] == {
+        "runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    volumes = {volume["name"]: volume for volume in pod["spec"]["volumes"]}
+    for container in trainer_and_sidecar(pod):
+        assert container["securityContext"] == {
+            "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "readOnlyRootFilesystem": True,
+        }
+        writable = {m["mountPath"] for m in container["volumeMounts"]
+                    if "emptyDir" in volumes[m["name"]] and not m.get("readOnly")}
+        assert {"/tmp", "/dev/shm", env_of(container)["HOME"]["value"]} <= writable, container["name"]
+
+
+def test_builders_return_fresh_objects():
+    """Handlers may edit what they get (kopf.adopt, patches); that must not leak into the next pod."""
+    run = variant("exp2")
+    first = manifests.pod(run, attempt=0)
+    first["spec"]["containers"][0]["volumeMounts"][-1]["mountPath"] = "/elsewhere"
+    first["spec"]["initContainers"][0]["securityContext"]["readOnlyRootFilesystem"] = False
+    assert manifests.pod(run, attempt=0) != first

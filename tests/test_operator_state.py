@@ -1,0 +1,609 @@
+"""The operator's state logic without a cluster: how a pod is read, what each observation makes of
+a run, and the termination message the trainer leaves behind.
+
+Pods are written as the kubelet reports them; a run's stored status is built by replaying decide
+over a history of observations, as the operator would have stored it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import MappingProxyType
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from grpo_operator.manifests import ATTEMPT_LABEL, RUN_LABEL, pod_name
+from grpo_operator.state import (
+    ABSENT,
+    Decision,
+    PodState,
+    backoff_delay,
+    decide,
+    observe_pod,
+    validate_body,
+)
+from grpo_trainer.spec import EvaluationSpec, GRPORun, GRPORunSpec, GRPORunStatus
+from grpo_trainer.termination import EXIT_INVALID, MAX_BYTES, Outcome, TerminationMessage
+from grpo_trainer.validation import FieldError, load_manifest
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "exp2-open-rs.yaml"
+RUN = load_manifest(EXAMPLE)
+NAME = RUN.metadata.name
+SPEC = RUN.spec  # evaluates on benchmarks after training: ends in Evaluating
+T0 = datetime(2025, 5, 1, 12, 0, tzinfo=UTC)
+
+
+def make_spec(**changes) -> GRPORunSpec:
+    return SPEC.model_copy(update=changes)
+
+
+NO_EVALUATION = make_spec(evaluation=EvaluationSpec(checkpoints="none"))
+SUSPENDED = make_spec(suspend=True)
+
+# ------------------------------------------------------------------------ pods as the kubelet says
+
+
+def pod(attempt: int = 1, phase: str = "Pending", *, trainer=None, sidecar=None, conditions=(), deleting=False, **status):
+    body = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": pod_name(NAME, attempt), "labels": {RUN_LABEL: NAME, ATTEMPT_LABEL: str(attempt)}},
+        "status": {"phase": phase, "conditions": list(conditions), **status},
+    }
+    if deleting:
+        body["metadata"]["deletionTimestamp"] = "2025-05-01T12:00:00Z"
+    if trainer is not None:
+        body["status"]["containerStatuses"] = [{"name": "trainer", "state": trainer, "ready": "running" in trainer}]
+    if sidecar is not None:
+        body["status"]["initContainerStatuses"] = [{"name": "vllm", **sidecar}]
+    return body
+
+
+def running():
+    return {"running": {"startedAt": "2025-05-01T12:01:00Z"}}
+
+
+def terminated(code: int, reason: str = "", message: str = ""):
+    reason = reason or ("Completed" if code == 0 else "Error")
+    return {"terminated": {"exitCode": code, "reason": reason, "message": message}}
+
+
+def waiting(reason: str, message: str = ""):
+    return {"waiting": {"reason": reason, "message": message}}
+
+
+def said(outcome: str, **fields) -> str:
+    return TerminationMessage(Outcome(outcome), **fields).to_json()
+
+
+SIDECAR_READY = {"ready": True, "started": True, "state": running()}
+SCHEDULER_SAYS = "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."
+LOG_TAIL = "step 40 reward 0.31\nTraceback (most recent call last):\nRuntimeError: CUDA error: an illegal memory access"
+
+
+def unschedulable(attempt=1):
+    scheduled = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": SCHEDULER_SAYS}
+    return pod(attempt, conditions=[scheduled])
+
+
+def image_pull_backoff(attempt=1):
+    sidecar = {"ready": False, "state": waiting("ImagePullBackOff", 'Back-off pulling image "ghcr.io/x/vllm:0.1.0"')}
+    return pod(attempt, trainer=waiting("PodInitializing"), sidecar=sidecar)
+
+
+def training(attempt=1, **kwargs):
+    return pod(attempt, "Running", trainer=running(), sidecar=SIDECAR_READY, **kwargs)
+
+
+def completed(attempt=1):
+    return pod(attempt, "Succeeded", trainer=terminated(0, message=said("completed", step=500)))
+
+
+def preempted(attempt=1):
+    message = said("preempted", step=120, checkpoint_uri="s3://grpo-checkpoints/open-rs/open-rs-exp2/checkpoints/step-120")
+    return pod(attempt, "Succeeded", trainer=terminated(0, message=message))
+
+
+def invalid_input(attempt=1):
+    message = said("invalid", reason="DatasetError", message="knoveleng/open-rs: column 'problem' not found")
+    return pod(attempt, "Failed", trainer=terminated(EXIT_INVALID, message=message))
+
+
+def oom(attempt=1):
+    return pod(attempt, "Failed", trainer=terminated(137, "OOMKilled"))
+
+
+def crashed(attempt=1):
+    return pod(attempt, "Failed", trainer=terminated(1, message=LOG_TAIL))
+
+
+def evicted(attempt=1):
+    return pod(attempt, "Failed", reason="Evicted", message="The node was low on resource: memory.")
+
+
+def node_lost(attempt=1):
+    return pod(attempt, "Unknown", trainer=running(), sidecar=SIDECAR_READY)
+
+
+def disrupted(attempt=1):
+    condition = {
+        "type": "DisruptionTarget",
+        "status": "True",
+        "reason": "DeletionByTaintManager",
+        "message": "Taint manager: deleting due to NoExecute taint",
+    }
+    return training(attempt, conditions=[condition], deleting=True)
+
+
+# ----------------------------------------------------------------------------------- observe_pod
+
+
+def _row(id, body, state, reason, live, trainer_running, says):
+    return pytest.param(body, state, reason, live, trainer_running, says, id=id)
+
+
+PENDING, COMPLETED = PodState.PENDING, PodState.COMPLETED
+PERMANENT, RETRYABLE = PodState.FAILED_PERMANENT, PodState.FAILED_RETRYABLE
+
+
+@pytest.mark.parametrize(
+    ("body", "state", "reason", "live", "trainer_running", "says"),
+    [
+        _row("unschedulable", unschedulable(), PENDING, "Unschedulable", True, True, SCHEDULER_SAYS),
+        _row("image pull", image_pull_backoff(), PENDING, "ImagePullBackOff", True, True, "container vllm: Back-off pulling"),
+        _row("vLLM loading", pod(trainer=waiting("PodInitializing"), sidecar={"ready": False, "state": running()}),
+             PENDING, "Starting", True, True, "loads the model"),
+        _row("training", training(), PodState.RUNNING, "Training", True, True, "the trainer is running"),
+        _row("completed", completed(), COMPLETED, "TrainingCompleted", False, False, "at step 500"),
+        # The trainer is done; its sidecar is still stopping, so the pod is not finished yet.
+        _row("completed, sidecar stopping",
+             pod(phase="Running", trainer=terminated(0, message=said("completed", step=500)), sidecar=SIDECAR_READY),
+             COMPLETED, "TrainingCompleted", True, False, "at step 500"),
+        _row("preempted", preempted(), PodState.PREEMPTED, "Preempted", False, False, "step-120"),
+        # Exit 0 alone cannot tell a completed trainer from a preempted one.
+        _row("exit 0, no message", pod(phase="Succeeded", trainer=terminated(0, message="done\n")),
+             RETRYABLE, "UnknownOutcome", False, False, "no termination message"),
+        _row("invalid input", invalid_input(), PERMANENT, "DatasetError", False, False, "column 'problem' not found"),
+        _row("exit 2, log tail", pod(phase="Failed", trainer=terminated(EXIT_INVALID, message="x\nspec.dataset: not found\n")),
+             PERMANENT, "InvalidInput", False, False, "spec.dataset: not found"),
+        _row("exit 2, bad reason", pod(phase="Failed", trainer=terminated(EXIT_INVALID, message=said("invalid", reason="no!"))),
+             PERMANENT, "InvalidInput", False, False, "rejected its input"),
+        _row("OOM", oom(), RETRYABLE, "OOMKilled", False, False, "code 137 (OOMKilled)"),
+        _row("crash", crashed(), RETRYABLE, "Error", False, False, "RuntimeError: CUDA error"),
+        _row("evicted", evicted(), RETRYABLE, "Evicted", False, False, "low on resource: memory"),
+        _row("node lost", node_lost(), RETRYABLE, "NodeLost", True, True, "stopped reporting"),
+        _row("disrupted", disrupted(), RETRYABLE, "DeletionByTaintManager", True, True, "NoExecute taint"),
+        # Rejected by the kubelet at admission: no container ran, and its reason is no condition reason.
+        _row("rejected at admission", pod(phase="Failed", reason="OutOfnvidia.com/gpu", message="Node didn't have enough GPUs"),
+             RETRYABLE, "PodFailed", False, False, "enough GPUs"),
+    ],
+)
+def test_observe_pod_classifies_what_the_kubelet_reports(body, state, reason, live, trainer_running, says):
+    seen = observe_pod(body)
+    assert (seen.state, seen.reason, seen.live, seen.trainer_running) == (state, reason, live, trainer_running)
+    assert says in seen.message
+    assert seen.name == pod_name(NAME, 1) and seen.attempt == 1
+    assert seen.name in seen.message
+
+
+def test_observe_pod_reads_attempt_deletion_sidecar_readiness_and_the_termination_message():
+    assert observe_pod(None) is ABSENT and observe_pod({}) is ABSENT
+    seen = observe_pod(training(7, deleting=True))
+    assert (seen.attempt, seen.deleting, seen.vllm_ready) == (7, True, True)
+    not_ready = observe_pod(pod(2, "Running", trainer=running(), sidecar={"ready": False, "state": running()}))
+    assert not_ready.vllm_ready is False and "vLLM server is not ready" in not_ready.message
+    assert observe_pod(preempted()).termination.step == 120
+    unlabelled = training()
+    del unlabelled["metadata"]["labels"][ATTEMPT_LABEL]
+    assert observe_pod(unlabelled).attempt == 0
+
+
+# ---------------------------------------------------------------------------------------- decide
+
+
+def replay(spec, history) -> GRPORunStatus:
+    """The status the operator would have stored after seeing ``history``: (pod, seconds after T0[, spec])."""
+    status = GRPORunStatus()
+    for observed, at, *changed in history:
+        now = T0 + timedelta(seconds=at)
+        status = decide(changed[0] if changed else spec, status, observe_pod(observed), generation=1, now=now).status
+    return status
+
+
+CREATED = [(None, 0)]
+RUNNING = [*CREATED, (training(), 60)]
+OOM_AT_3600 = [*RUNNING, (oom(), 3600)]
+SECOND_ATTEMPT_RUNNING = [*OOM_AT_3600, (oom(), 3610), (training(2), 3700)]
+SUSPENDING = [*RUNNING, (training(), 100, SUSPENDED), (training(deleting=True), 101, SUSPENDED)]
+SUSPENDED_HISTORY = [*SUSPENDING, (None, 150, SUSPENDED)]
+
+
+@dataclass
+class Case:
+    id: str
+    history: list
+    pod: dict | None
+    at: float
+    phase: str
+    spec: GRPORunSpec | list = field(default_factory=lambda: SPEC)
+    create: int | None = None
+    delete: str | None = None
+    attempt: int = 1
+    restarts: int = 0
+    events: tuple[str, ...] = ()
+    conditions: dict[str, tuple[str, str]] = field(default_factory=dict)  # type: (status, reason)
+    requeue: float | None = None  # seconds after T0
+
+
+CASES = [
+    Case("new run: create attempt 1", [], None, 0, "Pending", create=1, events=("AttemptCreated",),
+         conditions={"Created": ("True", "PodCreated"), "Running": ("False", "PodCreated")}),
+    Case("created suspended: no pod", [], None, 0, "Suspended", spec=SUSPENDED, events=("Suspended",),
+         conditions={"Created": ("False", "Suspended"), "Suspended": ("True", "Suspended")}),
+    Case("unschedulable: the scheduler's reason", CREATED, unschedulable(), 30, "Pending",
+         conditions={"Running": ("False", "Unschedulable")}),
+    Case("sidecar image cannot be pulled", CREATED, image_pull_backoff(), 30, "Pending",
+         conditions={"Running": ("False", "ImagePullBackOff")}),
+    Case("trainer starts", CREATED, training(), 60, "Running", events=("Started",),
+         conditions={"Running": ("True", "Training")}),
+    Case("completed, benchmarks to run: Evaluating", RUNNING, completed(), 7200, "Evaluating", events=("TrainingCompleted",),
+         conditions={"Running": ("False", "TrainingCompleted")}),
+    Case("completed, no evaluation: Succeeded", RUNNING, completed(), 7200, "Succeeded", spec=NO_EVALUATION,
+         events=("TrainingCompleted",), conditions={"Succeeded": ("True", "TrainingCompleted")}),
+    Case("completed while the sidecar stops", RUNNING,
+         pod(phase="Running", trainer=terminated(0, message=said("completed")), sidecar=SIDECAR_READY), 7200,
+         "Succeeded", spec=NO_EVALUATION, events=("TrainingCompleted",)),
+    Case("bad input fails at once, with the trainer's reason", RUNNING, invalid_input(), 300, "Failed", events=("DatasetError",),
+         conditions={"Failed": ("True", "DatasetError"), "Running": ("False", "DatasetError")}),
+    Case("OOM: count it, back off 10 s", RUNNING, oom(), 3600, "Pending", attempt=2, restarts=1, events=("OOMKilled",),
+         conditions={"Created": ("False", "Backoff"), "Running": ("False", "OOMKilled")}, requeue=3610),
+    Case("backoff: still waiting", OOM_AT_3600, oom(), 3605, "Pending", attempt=2, restarts=1, requeue=3610),
+    Case("backoff over: attempt 2", OOM_AT_3600, oom(), 3610, "Pending", create=2, attempt=2, restarts=1,
+         conditions={"Created": ("True", "PodCreated")}),
+    Case("second failure: back off 20 s", SECOND_ATTEMPT_RUNNING, crashed(2), 4000, "Pending", attempt=3, restarts=2,
+         events=("Error",), requeue=4020),
+    Case("failures beyond maxRestarts: Failed", SECOND_ATTEMPT_RUNNING, crashed(2), 4000, "Failed", spec=make_spec(max_restarts=1),
+         attempt=2, restarts=2, events=("BackoffLimitExceeded",), conditions={"Failed": ("True", "BackoffLimitExceeded")}),
+    Case("maxRestarts 0: the first failure is final", RUNNING, oom(), 3600, "Failed", spec=make_spec(max_restarts=0),
+         restarts=1, events=("BackoffLimitExceeded",)),
+    Case("preempted: next attempt at once, not a failure", RUNNING, preempted(), 3600, "Pending", create=2, attempt=2,
+         events=("Preempted",)),
+    Case("evicted: a failure", RUNNING, evicted(), 3600, "Pending", attempt=2, restarts=1, events=("Evicted",), requeue=3610),
+    Case("pod deleted: a failure", RUNNING, None, 3600, "Pending", attempt=2, restarts=1, events=("PodDeleted",), requeue=3610),
+    Case("node lost: wait for Kubernetes to give the pod up", RUNNING, node_lost(), 3600, "Running",
+         conditions={"Running": ("Unknown", "NodeLost")}),
+    Case("disruption: wait for the pod to finish", RUNNING, disrupted(), 3600, "Running",
+         conditions={"Running": ("False", "DeletionByTaintManager")}),
+    Case("a pod gone after a disruption: a failure", [*RUNNING, (disrupted(), 3600)], None, 3700, "Pending", attempt=2,
+         restarts=1, events=("PodDeleted",), requeue=3710),
+    Case("suspend: stop the pod", RUNNING, training(), 100, "Running", spec=SUSPENDED, delete=pod_name(NAME, 1),
+         conditions={"Suspended": ("False", "Suspending"), "Running": ("True", "Training")}),
+    Case("suspend: the pod is stopping already", SUSPENDING, training(deleting=True), 120, "Running", spec=SUSPENDED),
+    Case("suspend: pod gone, Suspended, not a failure", SUSPENDING, None, 150, "Suspended", spec=SUSPENDED, attempt=2,
+         events=("Suspended",), conditions={"Suspended": ("True", "Suspended"), "Created": ("False", "Suspended")}),
+    Case("suspend: trainer checkpointed and exited", SUSPENDING, preempted(), 150, "Suspended", spec=SUSPENDED, attempt=2,
+         events=("Suspended",)),
+    Case("suspend: killed past its grace period, not a failure", SUSPENDING, pod(phase="Failed", trainer=terminated(137)), 300,
+         "Suspended", spec=SUSPENDED, attempt=2, events=("Suspended",)),
+    Case("resume: the next attempt", SUSPENDED_HISTORY, None, 5000, "Pending", create=2, attempt=2, events=("Resumed",),
+         conditions={"Suspended": ("False", "Resumed"), "Created": ("True", "PodCreated")}),
+    Case("unsuspended while stopping: not a failure", SUSPENDING, None, 150, "Pending", create=2, attempt=2, events=("Resumed",),
+         conditions={"Suspended": ("False", "Resumed")}),
+    Case("deadline passed: stop the pod, Failed", RUNNING, training(), 3600, "Failed", spec=make_spec(active_deadline_seconds=3600),
+         delete=pod_name(NAME, 1), events=("DeadlineExceeded",), conditions={"Failed": ("True", "DeadlineExceeded")}),
+    Case("deadline ahead: come back then", RUNNING, training(), 100, "Running", spec=make_spec(active_deadline_seconds=3600),
+         requeue=3600),
+    Case("deadline stopped while suspended", SUSPENDED_HISTORY, None, 9999, "Suspended",
+         spec=make_spec(suspend=True, active_deadline_seconds=3600), attempt=2),
+    Case("invalid spec: Failed, pod stopped", RUNNING, training(), 100, "Failed",
+         spec=[FieldError("spec.grpo.epsilonHigh", "must be at least epsilon")], delete=pod_name(NAME, 1), events=("InvalidSpec",),
+         conditions={"Failed": ("True", "InvalidSpec")}),
+    Case("the handler died after creating pod 1: adopt it", [], unschedulable(), 5, "Pending", events=("Unschedulable",),
+         conditions={"Created": ("True", "PodCreated"), "Running": ("False", "Unschedulable")}),
+    Case("the handler died after creating pod 2: adopt it", RUNNING, training(2), 3600, "Running", attempt=2,
+         conditions={"Created": ("True", "PodCreated"), "Running": ("True", "Training")}),
+    Case("a live pod of an earlier attempt: stop it, start nothing", OOM_AT_3600, training(1), 3700, "Pending",
+         delete=pod_name(NAME, 1), attempt=2, restarts=1),
+    Case("finished: a trainer still running is stopped", [*RUNNING, (invalid_input(), 300)], training(), 400, "Failed",
+         delete=pod_name(NAME, 1)),
+    Case("finished: nothing more", [*RUNNING, (completed(), 7200)], completed(), 7300, "Evaluating"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_decide(case: Case):
+    status = replay(case.spec if isinstance(case.spec, GRPORunSpec) else SPEC, case.history)
+    decision = decide(case.spec, status, observe_pod(case.pod), generation=1, now=T0 + timedelta(seconds=case.at))
+    new = decision.status
+    assert new.phase == case.phase, new.message
+    assert (decision.create_pod, decision.delete_pod) == (case.create, case.delete)
+    assert (new.attempt, new.restarts) == (case.attempt, case.restarts)
+    assert tuple(event.reason for event in decision.events) == case.events
+    for kind, expected in case.conditions.items():
+        condition = next(c for c in new.conditions if c.type == kind)
+        assert (condition.status, condition.reason) == expected, condition.message
+    assert decision.requeue_at == (None if case.requeue is None else T0 + timedelta(seconds=case.requeue))
+    assert not decision.delete_run
+    assert new.observed_generation == 1
+
+
+def test_failures_and_their_messages_reach_status_and_events():
+    decision = decide(SPEC, replay(SPEC, RUNNING), observe_pod(crashed()), generation=1, now=T0 + timedelta(hours=1))
+    (event,) = decision.events
+    assert event.type == "Warning"
+    assert "RuntimeError: CUDA error" in event.message and "restart 1 of 10" in event.message
+    assert decision.status.message == event.message
+
+    status = replay(SPEC, RUNNING)
+    failed = decide(SPEC, status, observe_pod(invalid_input()), generation=1, now=T0 + timedelta(hours=1)).status
+    condition = next(c for c in failed.conditions if c.type == "Failed")
+    assert "column 'problem' not found" in condition.message and failed.completion_time == T0 + timedelta(hours=1)
+
+    errors = [FieldError("spec.grpo.epsilonHigh", "must be at least epsilon")]
+    invalid = decide(errors, GRPORunStatus(), ABSENT, generation=1, now=T0)
+    assert "spec.grpo.epsilonHigh: must be at least epsilon" in invalid.status.message
+    assert invalid.create_pod is None and invalid.events[0].type == "Warning"
+
+
+def test_decide_is_a_pure_function():
+    status = replay(SPEC, RUNNING)
+    stored = status.model_dump()
+    first = decide(SPEC, status, observe_pod(oom()), generation=3, now=T0 + timedelta(hours=1))
+    second = decide(SPEC, status, observe_pod(oom()), generation=3, now=T0 + timedelta(hours=1))
+    assert first == second
+    assert status.model_dump() == stored
+
+
+def test_last_transition_time_moves_only_when_a_condition_flips():
+    status = replay(SPEC, [*CREATED, (unschedulable(), 30)])
+    running_condition = next(c for c in status.conditions if c.type == "Running")
+    assert running_condition.last_transition_time == T0  # False since the pod was created
+    later = decide(SPEC, status, observe_pod(image_pull_backoff()), generation=2, now=T0 + timedelta(seconds=90)).status
+    still_false = next(c for c in later.conditions if c.type == "Running")
+    assert (still_false.reason, still_false.last_transition_time, still_false.observed_generation) == ("ImagePullBackOff", T0, 2)
+    started = decide(SPEC, later, observe_pod(training()), generation=2, now=T0 + timedelta(seconds=120)).status
+    assert next(c for c in started.conditions if c.type == "Running").last_transition_time == T0 + timedelta(seconds=120)
+    created = next(c for c in started.conditions if c.type == "Created")
+    assert created.last_transition_time == T0
+
+
+def test_start_time_spans_restarts_and_restarts_on_resume():
+    restarted = replay(SPEC, SECOND_ATTEMPT_RUNNING)
+    assert restarted.start_time == T0
+    resumed = decide(SPEC, replay(SPEC, SUSPENDED_HISTORY), ABSENT, generation=2, now=T0 + timedelta(seconds=5000)).status
+    assert resumed.start_time == T0 + timedelta(seconds=5000)  # like a Job: the deadline's clock starts afresh
+    deadline = make_spec(active_deadline_seconds=3600)
+    running_again = decide(deadline, resumed, observe_pod(training(2)), generation=2, now=T0 + timedelta(seconds=8000))
+    assert running_again.status.phase == "Running"
+    assert running_again.requeue_at == T0 + timedelta(seconds=5000 + 3600)
+
+
+def test_ttl_deletes_a_finished_run_when_it_runs_out():
+    spec = make_spec(evaluation=EvaluationSpec(checkpoints="none"), ttl_seconds_after_finished=600)
+    done = decide(spec, replay(spec, RUNNING), observe_pod(completed()), generation=1, now=T0 + timedelta(hours=2))
+    assert done.status.phase == "Succeeded" and not done.delete_run
+    assert done.requeue_at == T0 + timedelta(hours=2, seconds=600)
+    before = decide(spec, done.status, observe_pod(completed()), generation=1, now=T0 + timedelta(hours=2, seconds=599))
+    assert not before.delete_run and before.requeue_at == done.requeue_at
+    expired = decide(spec, done.status, observe_pod(completed()), generation=1, now=T0 + timedelta(hours=2, seconds=600))
+    assert expired.delete_run and expired.events == ()
+    ttl_only = make_spec(ttl_seconds_after_finished=0)
+    evaluating = decide(ttl_only, replay(SPEC, RUNNING), observe_pod(completed()), generation=1, now=T0)
+    assert evaluating.status.phase == "Evaluating" and not evaluating.delete_run  # not finished yet
+
+
+def test_backoff_doubles_from_10_seconds_up_to_5_minutes():
+    assert [backoff_delay(n).total_seconds() for n in range(1, 8)] == [10, 20, 40, 80, 160, 300, 300]
+    assert backoff_delay(10**9) == timedelta(minutes=5)
+
+
+# --------------------------------------------------------------------------------- validate_body
+
+
+def _api_body(**spec_changes) -> dict:
+    body = RUN.model_dump(mode="json", by_alias=True, exclude_none=True)
+    body["metadata"] |= {"uid": "3f1c", "generation": 4, "resourceVersion": "981", "managedFields": [{"manager": "kubectl"}]}
+    body["spec"]["grpo"] |= spec_changes
+    body["status"] = {"phase": "Running", "anything": "the operator's own"}
+    return body
+
+
+def _read_only(value):
+    """What kopf hands a handler: read-only mapping views."""
+    if isinstance(value, dict):
+        return MappingProxyType({key: _read_only(item) for key, item in value.items()})
+    if isinstance(value, list):
+        return [_read_only(item) for item in value]
+    return value
+
+
+def test_validate_body_takes_kopf_bodies_and_names_every_bad_field():
+    run = validate_body(_read_only(_api_body()))
+    assert isinstance(run, GRPORun) and run.spec == SPEC and run.metadata.model_extra["uid"] == "3f1c"
+    errors = validate_body(_api_body(epsilonHigh=0.1, numGenerationz=4))
+    assert [error.path for error in errors] == ["spec.grpo.numGenerationz"]  # structural problems come first
+    assert "did you mean 'numGenerations'" in errors[0].message
+    errors = validate_body(_api_body(epsilonHigh=0.1, preset="custom"))
+    assert [str(error) for error in errors] == ["spec.grpo.epsilonHigh: must be at least epsilon"]
+    decision = decide(errors, GRPORunStatus(), ABSENT, generation=4, now=T0)
+    assert decision.status.phase == "Failed" and "spec.grpo.epsilonHigh" in decision.status.message
+
+
+# ------------------------------------------------------------------- the property: random worlds
+
+
+KUBELET = {
+    "start": lambda attempt: training(attempt),
+    "complete": completed,
+    "preempt": preempted,
+    "crash": crashed,
+    "oom": oom,
+    "invalid": invalid_input,
+    "evict": evicted,
+    "lose node": node_lost,
+}
+WORLD_EVENTS = st.sampled_from([*KUBELET, "vanish", "finish deletion", "suspend", "resume", "nothing"])
+# What happens, how many seconds pass, and whether the handler that reconciles next dies before it
+# patches the status (one time in five).
+HANDLER_DIES = st.integers(0, 4).map(lambda roll: roll == 0)
+STEPS = st.lists(st.tuples(WORLD_EVENTS, st.integers(0, 300), HANDLER_DIES), min_size=1, max_size=50)
+
+
+def _live(body: dict) -> bool:
+    return body["status"]["phase"] in ("Pending", "Running", "Unknown")
+
+
+def _roundtrip(status: GRPORunStatus) -> GRPORunStatus:
+    """Through JSON and back, as the API server stores it."""
+    return GRPORunStatus.model_validate(json.loads(status.model_dump_json(by_alias=True, exclude_none=True)))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=STEPS, max_restarts=st.integers(0, 3), evaluate=st.booleans())
+def test_random_worlds_never_run_two_pods_nor_lose_count(steps, max_restarts, evaluate):
+    """Whatever the kubelet, the user and the operator's own crashes do, in whatever order, with a
+    reconcile after each: at most one live pod, no attempt recorded and created again, a live pod is
+    never counted as failed, restarts and attempt never go back, one condition per type, a finished
+    run stays finished, and the status survives the API server's round trip."""
+    evaluation = EvaluationSpec() if evaluate else EvaluationSpec(checkpoints="none")
+    spec = make_spec(
+        max_restarts=max_restarts, active_deadline_seconds=20_000, ttl_seconds_after_finished=100, evaluation=evaluation
+    )
+    pods: dict[int, dict] = {}
+    recorded: set[int] = set()  # attempts whose pod the stored status says was created
+    status, now, generation = GRPORunStatus(), T0, 1
+    for event, seconds, handler_dies in steps:
+        now += timedelta(seconds=seconds)
+        newest = max((attempt for attempt, body in pods.items() if body["status"]["phase"] != "gone"), default=None)
+        if event in KUBELET and newest is not None and _live(pods[newest]):
+            if event != "start" or pods[newest]["status"]["phase"] == "Pending":
+                pods[newest] = KUBELET[event](newest)
+        elif event == "vanish" and newest is not None:
+            pods[newest]["status"] = {"phase": "gone"}  # the object is deleted; its attempt is not reused
+        elif event == "finish deletion":  # the pods being deleted finish stopping and go
+            for body in pods.values():
+                if body["metadata"].get("deletionTimestamp") and _live(body):
+                    body["status"] = {"phase": "gone"}
+        elif event in ("suspend", "resume"):
+            spec, generation = spec.model_copy(update={"suspend": event == "suspend"}), generation + 1
+
+        newest = max((attempt for attempt, body in pods.items() if body["status"]["phase"] != "gone"), default=None)
+        visible = pods[newest] if newest is not None else None  # what the handler lists: the newest pod there is
+        decision = decide(spec, status, observe_pod(visible), generation=generation, now=now)
+        assert decision == decide(spec, status, observe_pod(visible), generation=generation, now=now)
+        _check(status, decision.status, visible, max_restarts)
+        _apply(decision, pods, recorded)
+        assert sum(_live(body) for body in pods.values()) <= 1
+        if decision.delete_run:
+            return
+        if not handler_dies:
+            status = _roundtrip(decision.status)
+            if any(c.type == "Created" and c.status == "True" for c in status.conditions):
+                recorded.add(status.attempt)
+
+
+def _apply(decision: Decision, pods: dict[int, dict], recorded: set[int]) -> None:
+    if decision.create_pod is not None:
+        assert not any(_live(body) for body in pods.values()), "created a pod beside a live one"
+        assert pods.get(decision.create_pod, {"status": {"phase": "gone"}})["status"]["phase"] == "gone", "name taken"
+        # A pod created by a handler that died before recording it, and deleted before the next
+        # look, left no trace: its attempt may come again, with no pod beside it.
+        assert decision.create_pod not in recorded, f"attempt {decision.create_pod} created twice"
+        pods[decision.create_pod] = pod(decision.create_pod)
+    if decision.delete_pod is not None:
+        (body,) = [body for body in pods.values() if body["metadata"].get("name") == decision.delete_pod]
+        body["metadata"]["deletionTimestamp"] = "2025-05-01T12:00:00Z"
+
+
+def _check(before: GRPORunStatus, after: GRPORunStatus, visible: dict | None, max_restarts: int) -> None:
+    assert after.restarts >= before.restarts and after.attempt >= before.attempt
+    assert after.restarts <= max_restarts + 1
+    if after.restarts > before.restarts:
+        assert visible is None or not _live(visible), "a live pod counted as a failure"
+    kinds = [condition.type for condition in after.conditions]
+    assert len(kinds) == len(set(kinds))
+    if before.phase in ("Evaluating", "Succeeded", "Failed"):
+        assert after.phase == before.phase
+    elif after.phase in ("Evaluating", "Succeeded"):
+        assert observe_pod(visible).state is PodState.COMPLETED
+
+
+# --------------------------------------------------------------------------- termination message
+
+
+MESSAGES = st.builds(
+    TerminationMessage,
+    outcome=st.sampled_from(Outcome),
+    step=st.none() | st.integers(0, 10**9),
+    reason=st.none() | st.from_regex(r"[A-Z][A-Za-z]{0,30}", fullmatch=True),
+    message=st.text(max_size=200),
+    checkpoint_uri=st.none() | st.text(min_size=1, max_size=100),
+)
+
+
+@given(MESSAGES)
+def test_termination_message_round_trips(message):
+    assert TerminationMessage.parse(message.to_json()) == message
+
+
+@given(
+    st.builds(
+        TerminationMessage,
+        outcome=st.sampled_from(Outcome),
+        reason=st.none() | st.text(min_size=1, max_size=3000),
+        message=st.text(max_size=6000),
+        checkpoint_uri=st.none() | st.text(min_size=1, max_size=3000),
+    )
+)
+def test_termination_message_fits_what_the_kubelet_keeps(message):
+    text = message.to_json()
+    assert len(text.encode()) <= MAX_BYTES
+    parsed = TerminationMessage.parse(text)
+    assert parsed.outcome == message.outcome
+    if len(message._encode()) <= MAX_BYTES:
+        assert parsed == message
+    else:  # cut from the end, marked, message first
+        assert message.message.startswith(parsed.message.removesuffix("…"))
+
+
+def test_an_oversized_message_keeps_its_outcome_step_and_uri():
+    uri = "s3://grpo-checkpoints/open-rs/open-rs-exp2/checkpoints/step-120"
+    big = TerminationMessage(Outcome.PREEMPTED, step=120, message="é\n\x00" * 5000, checkpoint_uri=uri)
+    parsed = TerminationMessage.parse(big.to_json())
+    assert len(big.to_json()) <= MAX_BYTES < len(big._encode())
+    assert (parsed.step, parsed.checkpoint_uri) == (120, uri) and parsed.message.endswith("…")
+
+
+@given(st.text() | st.binary().map(lambda b: b.decode("latin-1")))
+def test_parse_takes_any_text(text):
+    assert TerminationMessage.parse(text) is None or isinstance(TerminationMessage.parse(text), TerminationMessage)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", LOG_TAIL, "null", "[1, 2]", '{"outcome": "exploded"}', '{"step": 3}', "[" * 100_000, '{"outcome": "completed"',
+     yaml.safe_dump({"outcome": "completed"})],
+)
+def test_parse_returns_none_for_what_is_not_a_termination_message(text):
+    assert TerminationMessage.parse(text) is None
+
+
+def test_parse_drops_fields_of_the_wrong_type():
+    parsed = TerminationMessage.parse('{"outcome": "preempted", "step": true, "reason": 3, "message": ["x"], "extra": 1}')
+    assert parsed == TerminationMessage(Outcome.PREEMPTED)
+    assert TerminationMessage.parse('{"outcome": "completed", "step": -1}').step is None
+
+
+def test_write_never_raises(tmp_path, caplog):
+    message = TerminationMessage(Outcome.INVALID, reason="DatasetError", message="data.jsonl: line 3: not JSON")
+    message.write(str(tmp_path / "termination-log"))
+    assert TerminationMessage.parse((tmp_path / "termination-log").read_text()) == message
+    message.write(str(tmp_path / "missing" / "termination-log"))
+    message.write(str(tmp_path))  # a directory
+    assert "termination message not written" in caplog.text
