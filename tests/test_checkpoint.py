@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from grpo_trainer.checkpoint import (
     split_checkpoint_uri,
 )
 from grpo_trainer.storage import Storage, StorageError, open_storage
+from grpo_trainer.termination import Outcome, TerminationMessage
 
 
 def staged(root: Path, step: int) -> Path:
@@ -264,3 +266,37 @@ def test_wrong_credentials_fail_before_any_training(tiny_model_dir, tmp_path, bu
     assert f"s3://{bucket}/runs/tiny" in err and "credentials" in err.lower() and "Traceback" not in err
     assert time.monotonic() - began < 20
     assert not (tmp_path / "runs" / "tiny" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_checkpoints_two_ranks_and_they_resume_exactly(tiny_model_dir, tmp_path):
+    """The pod's path: the kubelet signals torchrun (PID 1), torchrun passes SIGTERM to both ranks,
+    they agree on where to stop, save their ZeRO partitions and exit; a new torchrun resumes."""
+    manifest = write_manifest(tmp_path / "run.yaml", tiny_run(tiny_model_dir, "file://unused"))
+    termination_log = tmp_path / "termination-log"
+    termination_log.touch()
+    env = child_env(GRPO_TERMINATION_LOG=str(termination_log))
+
+    def torchrun(run_dir: Path, port: int, stderr) -> subprocess.Popen:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                   "-m", "grpo_trainer.cli", "train", str(manifest), "--run-dir", str(run_dir)]
+        return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+
+    with open(tmp_path / "reference.log", "w") as log:
+        assert torchrun(tmp_path / "reference", 29561, log).wait(timeout=600) == 0
+    run_dir = tmp_path / "preempted"
+    with open(tmp_path / "preempted.log", "w") as log:
+        child = torchrun(run_dir, 29562, log)
+    metrics = run_dir / "tiny" / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        assert child.poll() is None, (tmp_path / "preempted.log").read_text()[-3000:]
+        time.sleep(0.05)
+    child.send_signal(signal.SIGTERM)
+    child.wait(timeout=120)
+    # torchrun itself exits 1 after passing a SIGTERM on; the termination message tells the operator.
+    ended = TerminationMessage.parse(termination_log.read_text())
+    assert ended is not None and ended.outcome == Outcome.PREEMPTED, (tmp_path / "preempted.log").read_text()[-3000:]
+    assert ended.checkpoint_uri.endswith(f"step-{ended.step:08d}")
+    with open(tmp_path / "resumed.log", "w") as log:
+        assert torchrun(run_dir, 29563, log).wait(timeout=600) == 0
+    assert differences(tmp_path / "reference" / "tiny", run_dir / "tiny") == []

@@ -166,6 +166,10 @@ PERMANENT, RETRYABLE = PodState.FAILED_PERMANENT, PodState.FAILED_RETRYABLE
              pod(phase="Running", trainer=terminated(0, message=said("completed", step=500)), sidecar=SIDECAR_READY),
              COMPLETED, "TrainingCompleted", True, False, "at step 500"),
         _row("preempted", preempted(), PodState.PREEMPTED, "Preempted", False, False, "step-120"),
+        # torchrun exits 1 after passing SIGTERM on; the trainer's message, written after its checkpoint, decides.
+        _row("preempted, torchrun exit 1",
+             pod(phase="Failed", trainer=terminated(1, message=said("preempted", step=7, checkpoint_uri="s3://b/r/step-7"))),
+             PodState.PREEMPTED, "Preempted", False, False, "step-7"),
         # Exit 0 alone cannot tell a completed trainer from a preempted one.
         _row("exit 0, no message", pod(phase="Succeeded", trainer=terminated(0, message="done\n")),
              RETRYABLE, "UnknownOutcome", False, False, "no termination message"),

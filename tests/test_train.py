@@ -137,7 +137,7 @@ def test_train_leaves_the_operator_a_termination_message(tiny_model_dir, tmp_pat
     monkeypatch.setenv("MASTER_PORT", "29547")
     termination_log = tmp_path / "termination-log"
     termination_log.touch()
-    monkeypatch.setattr(cli, "TERMINATION_LOG", str(termination_log))
+    monkeypatch.setenv("GRPO_TERMINATION_LOG", str(termination_log))
 
     body = manifest(tiny_model_dir, maxSteps=1)
     body["spec"]["dataset"]["source"] = str(tmp_path / "missing.jsonl")

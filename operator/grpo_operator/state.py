@@ -144,10 +144,13 @@ def _ended(name: str, terminated: Mapping[str, Any]) -> tuple[PodState, str, str
     text = terminated.get("message") or ""
     said = TerminationMessage.parse(text)
     step = f" at step {said.step}" if said and said.step is not None else ""
-    if code == 0 and said and said.outcome is Outcome.PREEMPTED:
+    # The trainer writes completed/preempted only once its checkpoint is complete, so the message
+    # decides whatever the exit code: torchrun exits 1 after passing SIGTERM on, even when every
+    # rank stopped cleanly.
+    if said and said.outcome is Outcome.PREEMPTED:
         where = f" to {said.checkpoint_uri}" if said.checkpoint_uri else ""
         return PodState.PREEMPTED, "Preempted", f"pod {name}: the trainer stopped on SIGTERM and checkpointed{step}{where}", said
-    if code == 0 and said and said.outcome is Outcome.COMPLETED:
+    if said and said.outcome is Outcome.COMPLETED:
         return PodState.COMPLETED, "TrainingCompleted", f"pod {name}: training completed{step}", said
     if code == 0:  # trying again is safe (it resumes, or completes at once), declaring success is not
         message = f"pod {name}: the trainer exited 0 but left no termination message saying how it ended"

@@ -71,8 +71,9 @@ def _ended(message: TerminationMessage, status: int, *, quiet: bool = False) -> 
     and only from the first rank) as the termination message the operator reads."""
     if not quiet:
         console.print(f"[red]✗[/red] {message.message}")
-    if Path(TERMINATION_LOG).exists() and os.environ.get("RANK", "0") == "0":
-        message.write(TERMINATION_LOG)
+    path = os.environ.get("GRPO_TERMINATION_LOG", TERMINATION_LOG)  # the container's terminationMessagePath
+    if Path(path).exists() and os.environ.get("RANK", "0") == "0":
+        message.write(path)
     return status
 
 
