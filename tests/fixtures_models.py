@@ -35,14 +35,12 @@ def smollm2_gguf() -> Path:
     return find_smollm2_gguf()
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A checkpoint directory as save_pretrained writes it: a random 2-layer Llama (hidden 32)
-    whose vocabulary is SmolLM2's, and SmolLM2's tokenizer. Read-only: copy it to change it."""
+def build_tiny_model(directory: Path, gguf: Path) -> Path:
+    """Write a random 2-layer Llama (hidden 32) whose vocabulary and tokenizer are SmolLM2's into
+    ``directory``, as save_pretrained does; the benchmarks use it too."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    gguf = find_smollm2_gguf()  # not the fixture: modules that import this one fixture must work too
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -58,10 +56,16 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint directory (see build_tiny_model). Read-only: copy it to change it."""
+    # find_smollm2_gguf, not the fixture: modules that import this one fixture must work too.
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), find_smollm2_gguf())
 
 
 @pytest.fixture(scope="session")

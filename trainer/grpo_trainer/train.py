@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from grpo_trainer.rewards import RewardScorer
 from grpo_trainer.preemption import Preemption
 from grpo_trainer.rollout import Rollouts, TransformersSampler
 from grpo_trainer.spec import CheckpointSpec, GRPORun
+from grpo_trainer.status_report import StatusReporter
 from grpo_trainer.storage import Storage, StorageError, open_storage
 
 logger = logging.getLogger(__name__)
@@ -101,7 +103,9 @@ def train(run: GRPORun, run_dir: Path, storage: Storage, *, show_progress: bool 
     store = CheckpointStore(storage)
     staging = run_dir / ".checkpoint-staging"
     _on_rank_0(storage.check_access)
+    fetch_began = time.perf_counter()
     resumed = _on_rank_0(lambda: _fetch_checkpoint(store, spec.checkpoints, endpoint_url, staging / "resume"))
+    fetch_seconds = time.perf_counter() - fetch_began
 
     # ---- data and model
     location = resolve_model_source(spec.model.source, revision=spec.model.revision, endpoint_url=endpoint_url)
@@ -123,22 +127,36 @@ def train(run: GRPORun, run_dir: Path, storage: Storage, *, show_progress: bool 
 
     first_step, history = 0, []
     if resumed is not None:
+        load_began = time.perf_counter()
         state = restore(staging / "resume", engine)
         first_step, history = state.step, state.metrics
-        logger.info("resumed from %s at step %d", resumed, first_step)
+        logger.info("resumed from %s at step %d (download %.1f s, load %.1f s)",
+                    resumed, first_step, fetch_seconds, time.perf_counter() - load_began)
     log = MetricsLog(run_dir / "metrics.jsonl", total_steps=grpo.max_steps, enabled=rank == 0,
                      show_progress=show_progress, history=history)
+    # In a pod, progress and checkpoints also go into the GRPORun's status, for kubectl get grporuns.
+    reporter = StatusReporter.from_environment(grpo.max_steps) if rank == 0 else None
 
     def save(step: int) -> str:
+        began = time.perf_counter()
         state = TrainerState(step, world_size, grpo.seed, log.records)
         stage(staging / "save", engine, tokenizer, state)
+        staged = time.perf_counter()
         since_last = [record["reward"] for record in log.records[-spec.checkpoints.every_steps :]]
         score = sum(since_last) / len(since_last) if since_last else None
         try:
-            _on_rank_0(lambda: store.upload(staging / "save", step, world_size, score, keep_last=spec.checkpoints.keep_last))
+            manifest = _on_rank_0(
+                lambda: store.upload(staging / "save", step, world_size, score, keep_last=spec.checkpoints.keep_last)
+            )
         except StorageError as error:
             raise CheckpointWriteError(f"checkpoint of step {step}: {error}") from error
-        return storage.uri_for(checkpoint_prefix(step))
+        uri = storage.uri_for(checkpoint_prefix(step))
+        if reporter is not None:
+            reporter.report_checkpoint(step, uri)
+        megabytes = sum(entry.size for entry in manifest.files.values()) / 1e6
+        logger.info("saved %s: %.0f MB in %.1f s (write %.1f s, upload %.1f s)", uri, megabytes,
+                    time.perf_counter() - began, staged - began, time.perf_counter() - staged)
+        return uri
 
     # ---- the loop
     saved_step, saved_uri = first_step, resumed
@@ -168,7 +186,7 @@ def train(run: GRPORun, run_dir: Path, storage: Storage, *, show_progress: bool 
         with timer("train"):
             loss_metrics = _optimize(engine, reference, rollouts, advantages, grpo, tokenizer.pad_token_id, device)
         step += 1
-        log.step(
+        record = log.step(
             step,
             rewards=all_rewards,
             per_function={name: _all_gather(torch.tensor(v), device) for name, v in scored.per_function.items()},
@@ -181,6 +199,8 @@ def train(run: GRPORun, run_dir: Path, storage: Storage, *, show_progress: bool 
             timer=timer,
             sample=(texts[0], golds[0]),
         )
+        if reporter is not None:
+            reporter.report_step(record)
         if step % spec.checkpoints.every_steps == 0 or step == grpo.max_steps:
             saved_step, saved_uri = step, save(step)
 
