@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors.torch import load_file
 
 
@@ -28,7 +27,7 @@ class Trial:
     kills: int = 0
     attempts: int = 0
     killed_after_steps: list[int] = field(default_factory=list)
-    """Steps logged by each killed attempt when the kill landed."""
+    """The last step finished when each kill landed."""
     resumed_at: list[int] = field(default_factory=list)
     """The checkpoint step each attempt resumed from (0: from scratch)."""
     attempt_seconds: list[float] = field(default_factory=list)
@@ -56,14 +55,13 @@ def run_to_end(manifest: Path, run_dir: Path, env: dict[str, str], timeout: floa
 
 
 def run_with_kills(
-    manifest: Path, run_dir: Path, env: dict[str, str], *, kills: int, max_steps: int, step_seconds: float, seed: int
+    manifest: Path, run_dir: Path, env: dict[str, str], *, kills: int, steps_per_attempt: int, step_seconds: float, seed: int
 ) -> Trial:
     """Start the run and SIGKILL it, ``kills`` times, then let it finish. Each kill waits until the
-    attempt has logged a random number of steps in [0, max_steps), then a random part of a step
-    (``step_seconds``), so kills land in start-up, rollouts, training and checkpoint uploads alike."""
+    attempt has trained a random number of steps in [0, steps_per_attempt], then a random part of a
+    step (``step_seconds``), so kills land in start-up, rollouts, training and checkpoint writes."""
     rng = random.Random(seed)
     trial = Trial()
-    metrics_path = run_dir / yaml.safe_load(manifest.read_text())["metadata"]["name"] / "metrics.jsonl"
     while True:
         trial.attempts += 1
         log = run_dir.parent / f"{run_dir.name}-attempt-{trial.attempts}.log"
@@ -71,12 +69,11 @@ def run_with_kills(
         with open(log, "w") as stderr:
             child = subprocess.Popen(train_command(manifest, run_dir), env=env, stdout=subprocess.DEVNULL, stderr=stderr)
         if trial.kills < kills:
-            target, delay = rng.randrange(max_steps), rng.uniform(0, step_seconds)
-            while child.poll() is None and _lines(metrics_path) < target:
+            target, delay = rng.randint(0, steps_per_attempt), rng.uniform(0, step_seconds)
+            while child.poll() is None and len(_steps_logged(log)) < target:
                 time.sleep(0.02)
             time.sleep(delay)
             if child.poll() is None:
-                trial.killed_after_steps.append(_lines(metrics_path))
                 child.send_signal(signal.SIGKILL)
         child.wait(timeout=600)
         trial.attempt_seconds.append(time.monotonic() - began)
@@ -84,17 +81,16 @@ def run_with_kills(
         trial.resumed_at.append(int(resumed.group(1)) if resumed else 0)
         if child.returncode == -signal.SIGKILL:
             trial.kills += 1
+            trial.killed_after_steps.append(max(_steps_logged(log), default=trial.resumed_at[-1]))
             continue
         if child.returncode != 0:
             raise AssertionError(f"attempt {trial.attempts} failed ({child.returncode}):\n{log.read_text()[-3000:]}")
         return trial  # finished (if before all kills landed, the trial counts fewer kills)
 
 
-def _lines(path: Path) -> int:
-    try:
-        return path.read_bytes().count(b"\n")
-    except FileNotFoundError:
-        return 0
+def _steps_logged(log: Path) -> list[int]:
+    """The steps an attempt has finished, from its log (one line per step when not on a terminal)."""
+    return [int(step) for step in re.findall(r"\bstep (\d+): reward", log.read_text())]
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:

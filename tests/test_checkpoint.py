@@ -176,23 +176,29 @@ def write_manifest(path: Path, body: dict) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """The tiny run's manifest, and the run directory of it trained in one go, for comparisons."""
+    work = tmp_path_factory.mktemp("uninterrupted")
+    manifest = write_manifest(work / "run.yaml", tiny_run(tiny_model_dir, "file://unused"))
+    run_to_end(manifest, work / "runs", child_env())
+    return manifest, work / "runs" / "tiny"
+
+
 @pytest.mark.slow
-def test_a_run_killed_at_random_moments_ends_bitwise_equal_to_an_uninterrupted_one(tiny_model_dir, tmp_path):
-    manifest = write_manifest(tmp_path / "run.yaml", tiny_run(tiny_model_dir, "file://unused"))
-    env = child_env()
-    run_to_end(manifest, tmp_path / "reference", env)
-    trial = run_with_kills(manifest, tmp_path / "killed", env, kills=3, max_steps=6, step_seconds=1.0, seed=11)
+def test_a_run_killed_at_random_moments_ends_bitwise_equal_to_an_uninterrupted_one(uninterrupted, tmp_path):
+    manifest, reference = uninterrupted
+    trial = run_with_kills(manifest, tmp_path / "killed", child_env(), kills=3, steps_per_attempt=3, step_seconds=1.0,
+                           seed=11)
     assert trial.kills == 3 and trial.attempts == 4
     assert max(trial.resumed_at) > 0, trial  # at least one attempt really resumed from a checkpoint
-    assert differences(tmp_path / "reference" / "tiny", tmp_path / "killed" / "tiny") == []
+    assert differences(reference, tmp_path / "killed" / "tiny") == []
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_exits_0_in_time_and_the_run_resumes_exactly(tiny_model_dir, tmp_path):
-    manifest = write_manifest(tmp_path / "run.yaml", tiny_run(tiny_model_dir, "file://unused", preemptionGraceSeconds=60))
+def test_sigterm_checkpoints_exits_0_in_time_and_the_run_resumes_exactly(uninterrupted, tmp_path):
+    manifest, reference = uninterrupted
     env = child_env()
-    run_to_end(manifest, tmp_path / "reference", env)
-
     run_dir, log = tmp_path / "preempted", tmp_path / "preempted.log"
     with open(log, "w") as stderr:  # a file, not a pipe: nobody reads it while the run goes on
         child = subprocess.Popen(train_command(manifest, run_dir), env=env, stdout=subprocess.DEVNULL, stderr=stderr)
@@ -204,13 +210,13 @@ def test_sigterm_checkpoints_exits_0_in_time_and_the_run_resumes_exactly(tiny_mo
     signalled = time.monotonic()
     child.wait(timeout=120)
     assert child.returncode == 0, log.read_text()[-3000:]
-    assert time.monotonic() - signalled < 60
+    assert time.monotonic() - signalled < 60  # well inside the default bound of 120 s
     stopped_at = int(log.read_text().split("stopped by SIGTERM after step ")[1].split(";")[0])
     assert 3 <= stopped_at < 6
     assert (run_dir / "tiny" / "checkpoints" / f"step-{stopped_at:08d}" / MANIFEST).is_file()
 
     subprocess.run(train_command(manifest, run_dir), env=env, check=True, capture_output=True, timeout=300)
-    assert differences(tmp_path / "reference" / "tiny", run_dir / "tiny") == []
+    assert differences(reference, run_dir / "tiny") == []
 
 
 @pytest.mark.slow
@@ -300,3 +306,23 @@ def test_sigterm_to_torchrun_checkpoints_two_ranks_and_they_resume_exactly(tiny_
     with open(tmp_path / "resumed.log", "w") as log:
         assert torchrun(run_dir, 29563, log).wait(timeout=600) == 0
     assert differences(tmp_path / "reference" / "tiny", run_dir / "tiny") == []
+
+
+def test_a_checkpoint_that_outlasts_the_grace_period_ends_the_process_itself():
+    """The watchdog acts before the kubelet's SIGKILL would: exit 3 (retryable), at the bound."""
+    from grpo_trainer.preemption import EXIT_GRACE_EXPIRED
+
+    program = (
+        "import os, signal, time\n"
+        "from grpo_trainer.preemption import Preemption\n"
+        "preemption = Preemption(grace_seconds=1)\n"
+        "assert not preemption.requested()\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "assert preemption.requested()\n"
+        "time.sleep(30)  # a checkpoint that never finishes\n"
+    )
+    began = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    assert result.returncode == EXIT_GRACE_EXPIRED, result.stderr
+    assert 1 <= time.monotonic() - began < 20
+    assert "did not finish within 1 s" in result.stderr

@@ -53,7 +53,6 @@ def _weights(path) -> dict[str, torch.Tensor]:
 def test_train_writes_a_metrics_line_per_step_and_a_loadable_model_that_changed(tiny_model_dir, tmp_path, monkeypatch):
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("MASTER_PORT", "29541")
     run = validate_manifest(manifest(tiny_model_dir, beta=0.04))
     outcome = train(run, tmp_path, LocalStorage(tmp_path), show_progress=False)
     assert outcome.completed and outcome.step == 2
@@ -134,7 +133,6 @@ def test_train_leaves_the_operator_a_termination_message(tiny_model_dir, tmp_pat
 
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("MASTER_PORT", "29547")
     termination_log = tmp_path / "termination-log"
     termination_log.touch()
     monkeypatch.setenv("GRPO_TERMINATION_LOG", str(termination_log))

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/checkpoint/bench_resume.py resume-time --storage file
     .venv/bin/python benchmarks/checkpoint/bench_resume.py resume-time --storage s3
 
-trial: a tiny random Llama (SmolLM2's tokenizer) trains 10 steps with a checkpoint every 2 steps,
+trial: a tiny random Llama (SmolLM2's tokenizer) trains 30 steps with a checkpoint every 2 steps,
 once uninterrupted and once SIGKILLed ``--kills`` times at random moments (tests/kill_trial.py),
 and the two must end bitwise equal with every step logged once.
 
@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
+STEPS = 30
 sys.path.insert(0, str(REPO / "tests"))
 
 from fixtures_models import SMOLLM2_GGUF, build_tiny_model, find_smollm2_gguf  # noqa: E402
@@ -61,16 +62,17 @@ def trial(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-resume-"))
     model = build_tiny_model(work / "model", find_smollm2_gguf())
     path = work / "run.yaml"
-    path.write_text(yaml.safe_dump(manifest(str(model), "file://unused", steps=10, every=2, generations=4, completion=10)))
+    path.write_text(yaml.safe_dump(manifest(str(model), "file://unused", steps=STEPS, every=2, generations=4, completion=10)))
     env = child_env()
     print(f"# kill/resume trial, {args.kills} kills ({load()})")
     reference_seconds = run_to_end(path, work / "reference", env)
     began = time.monotonic()
-    result = run_with_kills(path, work / "killed", env, kills=args.kills, max_steps=10, step_seconds=1.5, seed=args.seed)
+    result = run_with_kills(path, work / "killed", env, kills=args.kills, steps_per_attempt=3, step_seconds=1.5,
+                            seed=args.seed)
     problems = differences(work / "reference" / "bench", work / "killed" / "bench")
     print(f"uninterrupted run: {reference_seconds:.0f} s; killed run: {time.monotonic() - began:.0f} s "
           f"in {result.attempts} attempts ({load()})")
-    print(f"kills: {result.kills}; steps logged when killed: {dict(sorted(Counter(result.killed_after_steps).items()))}")
+    print(f"kills: {result.kills}; last step finished when killed: {dict(sorted(Counter(result.killed_after_steps).items()))}")
     print(f"resumed from step: {dict(sorted(Counter(result.resumed_at).items()))}")
     print("result: " + ("bitwise equal weights, every step logged once" if not problems else "; ".join(problems[:10])))
 

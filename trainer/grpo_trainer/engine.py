@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 from typing import Any
 
 import torch
@@ -72,9 +73,14 @@ def init_distributed() -> None:
     """Join the process group set up by torchrun or the deepspeed launcher (a group of one otherwise)."""
     import deepspeed
 
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    if "WORLD_SIZE" not in os.environ:  # not under a launcher: a group of one, on a port of its own
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _free_port() -> int:
+    """A TCP port nothing listens on now, so two single-process runs on one machine do not collide."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
