@@ -144,6 +144,40 @@ def test_a_save_whose_manifest_never_lands_is_ignored(bucket: str, fault_proxy: 
     assert store.fetch_newest(tmp_path / "resume").step == 1
 
 
+# A trainer's rank 0 uploading a staged checkpoint, killed by the test once part of it is stored.
+_UPLOADER = """
+import sys
+from pathlib import Path
+from grpo_trainer.checkpoint import CheckpointStore
+from grpo_trainer.storage import MiB, S3Options, open_storage
+uri, endpoint, staged = sys.argv[1:]
+store = CheckpointStore(open_storage(uri, endpoint_url=endpoint, s3_options=S3Options(multipart_chunksize=5 * MiB, max_concurrency=1)))
+store.upload(Path(staged), 2, world_size=1, score=None, keep_last=3)
+"""
+
+
+def test_an_upload_killed_midway_leaves_a_checkpoint_that_resume_ignores(bucket: str, moto_server: MotoServer, tmp_path: Path):
+    uri = f"s3://{bucket}/runs/demo"
+    storage = open_storage(uri, endpoint_url=moto_server.endpoint, s3_options=FAST)
+    store = CheckpointStore(storage)
+    save(store, tmp_path, 1)
+    big = staged(tmp_path, 2)
+    (big / "model" / "model.safetensors").write_bytes(os.urandom(60 * 1024 * 1024))  # 12 parts, after engine/
+    uploader = subprocess.Popen([sys.executable, "-c", _UPLOADER, uri, moto_server.endpoint, str(big)], stderr=subprocess.PIPE)
+    try:
+        while not storage.list_objects(checkpoint_prefix(2)):
+            assert uploader.poll() is None, uploader.stderr.read()[-2000:]
+            time.sleep(0.01)
+    finally:
+        uploader.kill()
+        uploader.wait()
+    assert storage.list_objects(checkpoint_prefix(2))  # part of step 2 is stored...
+    assert not storage.exists(f"{checkpoint_prefix(2)}/{MANIFEST}")
+    assert store.fetch_newest(tmp_path / "resume").step == 1  # ...and resume takes step 1
+    save(store, tmp_path, 3, keep_last=3)  # the next save clears what the killed one left
+    assert {obj.key.split("/")[1] for obj in storage.list_objects("checkpoints")} == {"step-00000001", "step-00000003"}
+
+
 def test_checkpoint_uris_name_their_run_and_step() -> None:
     assert split_checkpoint_uri("s3://b/runs/exp2/checkpoints/step-00000050") == ("s3://b/runs/exp2", 50)
     assert split_checkpoint_uri("file:///x/checkpoints/step-7/") == ("file:///x", 7)
