@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import threading
 import time
+from collections import deque
 from pathlib import Path
+from types import SimpleNamespace
 
+import math_verify
 import pytest
+import sympy
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from latex2sympy2_extended import NormalizationConfig
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+from math_verify import parser as math_verify_parser
 
+from grpo_trainer import grading
 from grpo_trainer.grading import (
     GOLD_UNPARSABLE,
     INVALID_INPUT,
@@ -20,6 +29,8 @@ from grpo_trainer.grading import (
     WORKER_CRASHED,
     Grader,
     Verdict,
+    _Caches,
+    _next_chunk,
     get_grader,
     grade_here,
     parse_gold,
@@ -212,6 +223,138 @@ def test_memory_is_capped_in_the_worker():
 
 def test_process_grader_is_shared():
     assert get_grader() is get_grader()
+
+
+# ---------------------------------------------------------------------------- worker caches
+
+# Answers a group repeats, in forms that verify alike and not (a half four ways, a percentage, a
+# set, a tuple, an equation, text), one just longer than the caches keep, replies with no answer.
+BOXED = ["\\frac{1}{2}", "0.5", "0.50", "\\dfrac{1}{2}", "50\\%", "5", "x = 5", "6", "1, 2", "(1, 2)", "\\text{five}"]
+ANSWERS = [
+    *(f"$\\boxed{{{answer}}}$" for answer in [*BOXED, "+".join(["1"] * 130)]),
+    "The final answer is $5$.",
+    "no answer at all",
+]
+GOLDS = ["$\\frac{1}{2}$", "5", "Adding, $2 + 3$ gives $\\boxed{5}$.", "$(1, 2)$", "130"]
+PAIRS = st.tuples(st.sampled_from(ANSWERS), st.sampled_from(GOLDS), st.integers(0, 3))
+
+
+def group_completion(answer: str, draw: int) -> str:
+    """Completions that differ in their working and share their answer, as a group's do."""
+    return f"<think>\nAttempt {draw}: we compute.\n</think>\n<answer>\n{answer}\n</answer>"
+
+
+@functools.lru_cache(maxsize=None)
+def uncached_verdict(completion: str, gold: str) -> Verdict:
+    return grade_here(completion, gold)  # this process never installs the worker caches
+
+
+@settings(max_examples=40, deadline=None)
+@given(batches=st.lists(st.lists(PAIRS, min_size=1, max_size=30), min_size=1, max_size=3))
+def test_cached_verdicts_equal_uncached_ones_in_any_order(default_grader, batches):
+    """Whatever repeats, in whatever order, across calls: each verdict is the uncached one."""
+    for batch in batches:
+        completions = [group_completion(answer, draw) for answer, _, draw in batch]
+        golds = [gold for _, gold, _ in batch]
+        verdicts = default_grader.verify_batch(completions, golds)
+        assert [(v.correct, v.answer, v.reason) for v in verdicts] == [
+            (v.correct, v.answer, v.reason) for v in map(uncached_verdict, completions, golds)
+        ]
+
+
+def test_a_group_repeating_its_answers_hits_the_caches():
+    answers = ["\\frac{3}{7}", "\\frac{3}{7}", "\\frac{6}{14}", "\\frac{4}{7}"] * 4
+    completions = [group_completion(f"$\\boxed{{{answer}}}$", draw) for draw, answer in enumerate(answers)]
+    golds = ["$\\frac{3}{7}$"] * len(completions)
+    with Grader(workers=1, timeout_s=TIMEOUT_S) as grader:
+        verdicts = grader.verify_batch(completions, golds)
+        stats = grader.cache_stats()
+    assert [v.correct for v in verdicts] == [True, True, True, False] * 4
+    # Each distinct string was parsed once: \frac{3}{7} (the gold and the right answer),
+    # \frac{6}{14} and \frac{4}{7}; each distinct pair verified once.
+    assert stats["parse_misses"] == 3
+    assert stats["verify_misses"] == 3 and stats["verify_hits"] == 13
+    with Grader(workers=1, timeout_s=TIMEOUT_S, cache_entries=0) as grader:
+        assert [v.correct for v in grader.verify_batch(completions, golds)] == [True, True, True, False] * 4
+        assert grader.cache_stats() == {}
+
+
+def test_chunks_keep_a_group_together_and_split_a_large_gold():
+    queue = deque((i, "completion", gold) for i, gold in enumerate("a" * 5 + "b" * 16 + "c" * 3 + "d" * 61))
+    chunks = []
+    while queue:
+        chunks.append("".join(gold for _, _, gold in _next_chunk(queue, 12)))
+    assert chunks == ["a" * 5 + "b" * 16, "ccc" + "d" * 9, "d" * 12, "d" * 12, "d" * 12, "d" * 16]
+
+
+@pytest.fixture
+def caches(monkeypatch):
+    """Worker caches installed in this process, math-verify's own parsers put back afterwards."""
+    for name in ("parse_latex_with_timeout", "parse_expr_with_timeout"):
+        monkeypatch.setattr(math_verify_parser, name, getattr(math_verify_parser, name))
+    return _Caches(entries=4)
+
+
+def test_a_failed_parse_is_not_kept(caches, monkeypatch):
+    """A parse that timed out (math-verify's alarm) or failed is run again for the next item."""
+    results = iter([TimeoutError("Operation timed out!"), sympy.Integer(7)])
+    calls = []
+
+    def latex2sympy(latex, **_):
+        calls.append(latex)
+        result = next(results)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    monkeypatch.setattr(math_verify_parser, "latex2sympy", latex2sympy)
+    with pytest.raises(TimeoutError):
+        math_verify_parser.parse_latex_with_timeout("7", timeout_seconds=3)
+    assert math_verify_parser.parse_latex_with_timeout("7", timeout_seconds=3) == 7
+    assert math_verify_parser.parse_latex_with_timeout("7", timeout_seconds=3) == 7
+    assert calls == ["7", "7"]
+
+
+def test_a_verify_that_may_have_timed_out_is_not_kept(caches, monkeypatch):
+    """verify() turns a comparison past its alarm into False: that False must not be reused."""
+    clock = [0.0]
+    outcomes = iter([(3.0, False), (0.01, True)])  # (seconds taken, result)
+    calls = []
+
+    def slow_verify(first, second, precision, timeout_seconds):
+        seconds, result = next(outcomes)
+        clock[0] += seconds
+        calls.append(seconds)
+        return result
+
+    monkeypatch.setattr(math_verify, "verify", slow_verify)
+    monkeypatch.setattr(grading, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    answer, gold = [sympy.Integer(5), "5"], [sympy.Integer(5), "5"]
+    assert caches.verify(answer, gold, 6) is False
+    assert caches.verify(answer, gold, 6) is True
+    assert caches.verify(answer, gold, 6) is True
+    assert calls == [3.0, 0.01]
+
+
+def test_verify_results_are_kept_for_the_same_objects_only(caches):
+    gold = [sympy.Rational(1, 2), "\\frac{1}{2}"]
+    half, other_half = sympy.Float("0.5"), sympy.Float("0.5")
+    assert half == other_half and half is not other_half  # equal, but another parse's
+    for answer in ([half, "0.5"], [other_half, "0.5"], [half, "0.5"]):
+        assert caches.verify(answer, gold, 6)
+    assert (caches.verify_misses, caches.verify_hits) == (2, 1)
+
+
+def test_caches_hold_at_most_their_entries(caches):
+    for n in range(10):
+        math_verify_parser.parse_latex_with_timeout(str(n), timeout_seconds=3)
+        caches.verify([sympy.Integer(n), str(n)], [sympy.Integer(3), "3"], 6)
+    long_sum = "+".join(["1"] * 200)
+    math_verify_parser.parse_latex_with_timeout(long_sum, timeout_seconds=3)
+    assert caches.verify([sympy.Integer(200), long_sum], [sympy.Integer(200), "200"], 6)
+    assert caches.parsers[0].cache_info().currsize == 4
+    assert len(caches.verified) == 4
+    assert caches.stats()["parse_misses"] == 10  # the long string went to math-verify's own cache
 
 
 # ------------------------------------------------------------------------ the benchmark golds

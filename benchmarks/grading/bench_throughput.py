@@ -1,21 +1,30 @@
 """Throughput and verdicts: our batch grader and scorer against Open-RS's reward functions.
 
     .venv/bin/python benchmarks/grading/bench_throughput.py [--data ../shared/data] [--repeats 2]
+        [--workloads benchmark grpo6 grpo16]
 
-Both sides score the same completions (completions.py, ≥ 5,000) against the same golds: each
-set's gold as the paper's evaluator (lighteval) took it, i.e. ``solution`` for math500 and
-minerva and ``answer`` elsewhere. The reference (open_rs_reference.py) is called as TRL 0.16
-called reward functions: ``f(prompts=..., completions=[[{"role": "assistant", "content": c}]],
-solution=[...])`` on one step's batch at a time, sequentially, in one process. Every measurement
-runs in a fresh process after the same untimed warm-up (math-verify's LaTeX parser gets faster
-as it sees more LaTeX), and the best of ``--repeats`` runs is kept. CPU seconds (ours: the
-parent's and the workers') are reported too: unlike wall time, another job on the machine barely
-moves them.
+Both sides score the same completions against the same golds: each set's gold as the paper's
+evaluator (lighteval) took it, i.e. ``solution`` for math500 and minerva and ``answer``
+elsewhere. Two workloads (completions.py), each ≥ 5,000 completions:
 
-Measured: (1) verdicts: our Grader vs Open-RS's accuracy_reward; (2) rewards: our RewardScorer
-with format + 2 × cosine (characters) vs Open-RS's format_reward + cosine_scaled_reward, the
-reward set of Open-RS's experiments 2 and 3. Verdicts are compared on the rows whose gold Open-RS
-can parse; the others are the trap rows, where Open-RS's reward is 1.0 whatever the completion.
+- ``benchmark``: the 10,013 completions of :func:`build_samples`, a few of distinct kinds per
+  problem, in set order;
+- ``grpo6``, ``grpo16``: what a GRPO trainer grades (:func:`build_grpo_steps`), 60 steps of 96
+  completions, groups of 6 (Open-RS's num_generations) or 16 completions per prompt.
+
+The reference (open_rs_reference.py) is called as TRL 0.16 called reward functions: ``f(prompts=...,
+completions=[[{"role": "assistant", "content": c}]], solution=[...])`` on one step's batch of 96
+at a time, sequentially, in one process. Every measurement runs in a fresh process after the same
+untimed warm-up (math-verify's LaTeX parser gets faster as it sees more LaTeX), and the best of
+``--repeats`` runs is kept. CPU seconds (ours: the parent's and the workers') are reported too:
+another job on the machine moves them much less than wall time.
+
+Measured per workload: (1) verdicts: our Grader vs Open-RS's accuracy_reward, on all rows and on
+the rows whose gold Open-RS can parse (the others are the trap rows, where Open-RS's reward is
+1.0 whatever the completion); (2) rewards: our RewardScorer with format + 2 × cosine (characters)
+vs Open-RS's format_reward + cosine_scaled_reward, the reward set of Open-RS's experiments 2 and
+3; (3) our Grader with its worker caches off (``cache_entries=0``): its verdicts must equal the
+cached ones, and the time says what the caches bought.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -35,16 +45,22 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import psutil  # noqa: E402
-from completions import build_samples, load_rows  # noqa: E402
+from completions import build_grpo_steps, build_samples, load_rows  # noqa: E402
 
 GOLD_COLUMN = {"math500": "solution", "minerva": "solution"}  # lighteval's; "answer" elsewhere
+GRPO_STEPS = 60
+WORKLOADS = {
+    "benchmark": build_samples,
+    "grpo6": lambda data: build_grpo_steps(data, group_size=6, steps=GRPO_STEPS),
+    "grpo16": lambda data: build_grpo_steps(data, group_size=16, steps=GRPO_STEPS),
+}
 
 
-def samples(data: Path):
-    """The benchmark completions, with each set's gold column as lighteval used it."""
+def samples(data: Path, workload: str = "benchmark"):
+    """The workload's completions, with each set's gold column as lighteval used it."""
     rows = {}
     out = []
-    for sample in build_samples(data):
+    for sample in WORKLOADS[workload](data):
         column = GOLD_COLUMN.get(sample.benchmark, "answer")
         if sample.benchmark not in rows:
             rows[sample.benchmark] = {row["id"]: row for row in load_rows(data, sample.benchmark)}
@@ -77,10 +93,11 @@ def as_messages(completions: list[str]) -> list[list[dict]]:
 # ------------------------------------------------------------------- one measurement (a process)
 
 
-def measure(side: str, what: str, data: Path, batch: int, workers: int, subset: str) -> dict:
-    """One timed run; ``subset`` is "all" or a JSON file of row indices (parsed elsewhere, as
-    parsing golds here would warm this process's LaTeX parser on exactly these golds)."""
-    pairs = [(sample.completion, gold) for sample, gold in samples(data)]
+def measure(side: str, what: str, workload: str, subset: str, data: Path, batch: int, workers: int) -> dict:
+    """One timed run; ``side`` is "reference", "ours" or "ours-uncached"; ``subset`` is "all" or a
+    JSON file of row indices (parsed elsewhere, as parsing golds here would warm this process's
+    LaTeX parser on exactly these golds)."""
+    pairs = [(sample.completion, gold) for sample, gold in samples(data, workload)]
     if subset != "all":
         pairs = [pairs[i] for i in json.loads(Path(subset).read_text())]
     completions, golds = [c for c, _ in pairs], [g for _, g in pairs]
@@ -88,9 +105,12 @@ def measure(side: str, what: str, data: Path, batch: int, workers: int, subset: 
     if side == "reference":
         import open_rs_reference as ref
 
+        from math_verify.parser import parse_latex_with_timeout  # math-verify's own 20-entry cache
+
         funcs = ref.open_rs_reward_funcs(["accuracy"] if what == "verdicts" else ["format", "cosine"])
         with contextlib.redirect_stdout(io.StringIO()):  # its "Failed to parse gold" prints
             ref.accuracy_reward(completions=as_messages([c for c, _ in warm]), solution=[g for _, g in warm])
+            cache_before = parse_latex_with_timeout.cache_info()
             started, cpu_started = time.perf_counter(), time.process_time()
             scores = [[] for _ in funcs]
             for chunk_c, chunk_g in zip(batches(completions, batch), batches(golds, batch)):
@@ -98,17 +118,20 @@ def measure(side: str, what: str, data: Path, batch: int, workers: int, subset: 
                 for out, func in zip(scores, funcs):
                     out += func(prompts=prompts, completions=as_messages(chunk_c), solution=chunk_g)
             elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-        return {"seconds": elapsed, "cpu_seconds": cpu, "items": len(pairs), "scores": scores}
+            cache_after = parse_latex_with_timeout.cache_info()
+        cache = {"parse_hits": cache_after.hits - cache_before.hits, "parse_misses": cache_after.misses - cache_before.misses}
+        return {"seconds": elapsed, "cpu_seconds": cpu, "items": len(pairs), "scores": scores, "cache": cache}
 
-    from grpo_trainer.grading import Grader
+    from grpo_trainer.grading import CACHE_ENTRIES, Grader
     from grpo_trainer.rewards import RewardScorer
     from grpo_trainer.spec import RewardParams, RewardSpec
 
-    with Grader(workers=workers) as grader:
+    with Grader(workers=workers, cache_entries=CACHE_ENTRIES if side == "ours" else 0) as grader:
         grader.verify_batch([c for c, _ in warm], [g for _, g in warm])
         rewards = [RewardSpec(name="format"), RewardSpec(name="cosine", weight=2.0, params=RewardParams(length_unit="characters"))]
         scorer = RewardScorer(rewards, grader=grader)
         workers = [psutil.Process(worker.process.pid) for worker in grader._pool]  # to add up their CPU
+        cache_before = grader.cache_stats()
         started, cpu_started = time.perf_counter(), time.process_time() + sum(map(cpu_seconds, workers))
         verdicts, scores = [], [[], []]
         for chunk_c, chunk_g in zip(batches(completions, batch), batches(golds, batch)):
@@ -122,6 +145,8 @@ def measure(side: str, what: str, data: Path, batch: int, workers: int, subset: 
         elapsed = time.perf_counter() - started
         cpu = time.process_time() + sum(map(cpu_seconds, workers)) - cpu_started
         assert [w.pid for w in workers] == [w.process.pid for w in grader._pool], "a worker was replaced"
+        cache = grader.cache_stats() - cache_before
+        worker_rss_mb = max(worker.memory_info().rss for worker in workers) / 2**20
     return {
         "seconds": elapsed,
         "cpu_seconds": cpu,
@@ -130,6 +155,8 @@ def measure(side: str, what: str, data: Path, batch: int, workers: int, subset: 
         "reasons": [v.reason for v in verdicts],
         "item_seconds": [v.seconds for v in verdicts],
         "scores": scores,
+        "cache": dict(cache),
+        "worker_rss_mb": worker_rss_mb,
     }
 
 
@@ -159,8 +186,90 @@ def best_of(repeats: int, *args: str) -> dict:
             [sys.executable, __file__, "--measure", *args], check=True, capture_output=True, text=True
         ).stdout
         runs.append(json.loads(out.splitlines()[-1]))
-    print(f"  {args[:2]} runs: {[round(run['seconds'], 2) for run in runs]} s", flush=True)
+    print(f"  {args[:3]} runs: {[round(run['seconds'], 2) for run in runs]} s", flush=True)
     return min(runs, key=lambda run: run["seconds"])
+
+
+def hit_rate(cache: dict, name: str) -> float | None:
+    looked_up = cache.get(f"{name}_hits", 0) + cache.get(f"{name}_misses", 0)
+    return cache.get(f"{name}_hits", 0) / looked_up if looked_up else None
+
+
+def timing(ref: dict, ours: dict) -> dict:
+    return {
+        "items": ref["items"],
+        "reference_s": ref["seconds"],
+        "ours_s": ours["seconds"],
+        "speedup": ref["seconds"] / ours["seconds"],
+        "reference_cpu_s": ref["cpu_seconds"],
+        "ours_cpu_s": ours["cpu_seconds"],
+        "reference_items_per_s": ref["items"] / ref["seconds"],
+        "ours_items_per_s": ours["items"] / ours["seconds"],
+        "reference_parse_hit_rate": hit_rate(ref["cache"], "parse"),
+        "ours_parse_hit_rate": hit_rate(ours["cache"], "parse"),
+        "ours_verify_hit_rate": hit_rate(ours["cache"], "verify"),
+        "reference_cache": ref["cache"],
+        "ours_cache": ours["cache"],
+    }
+
+
+def report_workload(workload: str, data: Path, run) -> dict:
+    """Every measurement of one workload; ``run(side, what, subset)`` is the best of the repeats."""
+    pairs = samples(data, workload)
+    parses = reference_gold_parses([gold for _, gold in pairs])
+    compared = [i for i, ok in enumerate(parses) if ok]
+    trap = [i for i, ok in enumerate(parses) if not ok]
+    print(f"{workload}: {len(pairs)} completions; Open-RS can parse the gold of {len(compared)}", flush=True)
+    report: dict = {
+        "completions": len(pairs),
+        "distinct_completions": len({sample.completion for sample, _ in pairs}),
+        "reference_gold_parses": len(compared),
+    }
+
+    ref, ours, uncached = (run(workload, side, "verdicts") for side in ("reference", "ours", "ours-uncached"))
+    ref_correct = [score == 1.0 for score in ref["scores"][0]]
+    item_seconds = sorted(ours["item_seconds"])
+    report["verdicts"] = timing(ref, ours) | {
+        "compared_rows": len(compared),
+        "mismatches": [
+            {"row": pairs[i][0].row_id, "kind": pairs[i][0].kind, "reference": ref_correct[i], "ours": ours["correct"][i]}
+            for i in compared
+            if ref_correct[i] != ours["correct"][i]
+        ],
+        "trap_rows": len(trap),
+        "trap_rows_reference_paid_1": sum(ref["scores"][0][i] == 1.0 for i in trap),
+        "trap_rows_we_grade_correct": sum(ours["correct"][i] for i in trap),
+        "our_failures": {r: ours["reasons"].count(r) for r in set(ours["reasons"]) if r},
+        "item_latency_s": {
+            "p50": statistics.median(item_seconds),
+            "p99": item_seconds[int(0.99 * (len(item_seconds) - 1))],
+            "max": item_seconds[-1],
+        },
+    }
+    report["caches"] = {
+        "uncached_s": uncached["seconds"],
+        "cached_s": ours["seconds"],
+        "speedup": uncached["seconds"] / ours["seconds"],
+        "uncached_cpu_s": uncached["cpu_seconds"],
+        "cached_cpu_s": ours["cpu_seconds"],
+        "worker_rss_mb_uncached_cached": [uncached["worker_rss_mb"], ours["worker_rss_mb"]],
+        "verdicts_that_differ": sum(
+            (a, b) != (c, d) for a, b, c, d in zip(ours["correct"], ours["reasons"], uncached["correct"], uncached["reasons"])
+        ),
+    }
+
+    ref, ours = run(workload, "reference", "rewards"), run(workload, "ours", "rewards")
+    report["rewards"] = timing(ref, ours) | {
+        "format_mismatches": sum(a != b for a, b in zip(ref["scores"][0], ours["scores"][0])),
+        "cosine_mismatches_on_compared_rows": sum(abs(ref["scores"][1][i] - ours["scores"][1][i]) > 1e-9 for i in compared),
+    }
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as comparable:
+        json.dump(compared, comparable)
+        comparable.flush()
+        ref, ours = run(workload, "reference", "verdicts", comparable.name), run(workload, "ours", "verdicts", comparable.name)
+    report["verdicts_on_comparable_rows_only"] = timing(ref, ours)
+    return report
 
 
 def main() -> None:
@@ -169,75 +278,26 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=96, help="completions per call (one step's batch)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--measure", nargs=3, metavar=("SIDE", "WHAT", "SUBSET"), help=argparse.SUPPRESS)
+    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
+    parser.add_argument("--measure", nargs=4, metavar=("WORKLOAD", "SIDE", "WHAT", "SUBSET"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        side, what, subset = args.measure
-        print(json.dumps(measure(side, what, args.data, args.batch, args.workers, subset)))
+        workload, side, what, subset = args.measure
+        print(json.dumps(measure(side, what, workload, subset, args.data, args.batch, args.workers)))
         return
 
-    pairs = samples(args.data)
-    golds = [gold for _, gold in pairs]
-    parses = reference_gold_parses(golds)
-    print(f"{len(pairs)} completions; Open-RS can parse the gold of {sum(parses)}", flush=True)
-    def run(side: str, what: str, subset: str = "all") -> dict:
+    def run(workload: str, side: str, what: str, subset: str = "all") -> dict:
         return best_of(
-            args.repeats, side, what, subset, "--data", str(args.data), "--batch", str(args.batch),
+            args.repeats, workload, side, what, subset, "--data", str(args.data), "--batch", str(args.batch),
             "--workers", str(args.workers),
         )
 
-    report: dict = {"completions": len(pairs), "reference_gold_parses": sum(parses), "batch": args.batch, "workers": args.workers}
-    for what in ("verdicts", "rewards"):
-        ref, ours = run("reference", what), run("ours", what)
-        report[what] = {
-            "reference_s": ref["seconds"],
-            "ours_s": ours["seconds"],
-            "speedup": ref["seconds"] / ours["seconds"],
-            "reference_cpu_s": ref["cpu_seconds"],
-            "ours_cpu_s": ours["cpu_seconds"],
-            "reference_items_per_s": ref["items"] / ref["seconds"],
-            "ours_items_per_s": ours["items"] / ours["seconds"],
-        }
-        if what == "verdicts":
-            ref_correct = [score == 1.0 for score in ref["scores"][0]]
-            compared = [i for i, ok in enumerate(parses) if ok]
-            mismatches = [i for i in compared if ref_correct[i] != ours["correct"][i]]
-            trap = [i for i, ok in enumerate(parses) if not ok]
-            item_seconds = sorted(ours["item_seconds"])
-            report[what] |= {
-                "compared_rows": len(compared),
-                "mismatches": [
-                    {"row": pairs[i][0].row_id, "kind": pairs[i][0].kind, "reference": ref_correct[i], "ours": ours["correct"][i]}
-                    for i in mismatches
-                ],
-                "trap_rows": len(trap),
-                "trap_rows_reference_paid_1": sum(ref["scores"][0][i] == 1.0 for i in trap),
-                "trap_rows_we_grade_correct": sum(ours["correct"][i] for i in trap),
-                "our_failures": {r: ours["reasons"].count(r) for r in set(ours["reasons"]) if r},
-                "item_latency_s": {
-                    "p50": statistics.median(item_seconds),
-                    "p99": item_seconds[int(0.99 * (len(item_seconds) - 1))],
-                    "max": item_seconds[-1],
-                },
-            }
-        else:
-            compared = [i for i, ok in enumerate(parses) if ok]
-            report[what]["format_mismatches"] = sum(ref["scores"][0][i] != ours["scores"][0][i] for i in range(len(pairs)))
-            report[what]["cosine_mismatches_on_compared_rows"] = sum(
-                abs(ref["scores"][1][i] - ours["scores"][1][i]) > 1e-9 for i in compared
-            )
-    with tempfile.NamedTemporaryFile("w", suffix=".json") as comparable:
-        json.dump([i for i, ok in enumerate(parses) if ok], comparable)
-        comparable.flush()
-        sub_ref, sub_ours = run("reference", "verdicts", comparable.name), run("ours", "verdicts", comparable.name)
-    report["verdicts_on_comparable_rows_only"] = {
-        "items": sub_ref["items"],
-        "reference_s": sub_ref["seconds"],
-        "ours_s": sub_ours["seconds"],
-        "speedup": sub_ref["seconds"] / sub_ours["seconds"],
-        "reference_cpu_s": sub_ref["cpu_seconds"],
-        "ours_cpu_s": sub_ours["cpu_seconds"],
-    }
+    report = {"batch": args.batch, "workers": args.workers}
+    for workload in args.workloads:
+        load_before = os.getloadavg()
+        report[workload] = report_workload(workload, args.data, run)
+        report[workload]["load_average_1_5_15_min"] = {"before": load_before, "after": os.getloadavg()}
+        print(json.dumps({workload: report[workload]}, indent=2), flush=True)
     print(json.dumps(report, indent=2))
 
 

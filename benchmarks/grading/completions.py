@@ -1,9 +1,13 @@
 """Realistic completions built from the benchmark sets in ../shared/data, for the grading benchmarks.
 
-Each problem gets a few completions of different kinds, chosen with a fixed seed, in Open-RS's
-``<think>…</think><answer>…</answer>`` shape unless the kind says otherwise. The reasoning is the
-row's own worked solution with its boxes removed (so it reads like a model's LaTeX-heavy working)
-or, where a set has no solution, a restatement of the problem. The gold is the row's ``answer``.
+Completions come in Open-RS's ``<think>…</think><answer>…</answer>`` shape unless their kind says
+otherwise. The reasoning is the row's own worked solution with its boxes removed (so it reads like
+a model's LaTeX-heavy working) or, where a set has no solution, a restatement of the problem. The
+gold is the row's ``answer``. Two workloads, both seeded:
+
+- :func:`build_samples`: every problem gets a few completions of distinct kinds;
+- :func:`build_grpo_steps`: what a GRPO trainer grades, steps of prompts each with a group of
+  completions (see there).
 """
 
 from __future__ import annotations
@@ -77,8 +81,7 @@ def _think(reasoning: str, answer_section: str) -> str:
     return f"<think>\n{reasoning}\n</think>\n<answer>\n{answer_section}\n</answer>"
 
 
-def _completion(kind: str, row: dict, answer: str, wrong: str, rng: random.Random) -> str:
-    reasoning = _reasoning(row)
+def _completion(kind: str, reasoning: str, answer: str, wrong: str, rng: random.Random) -> str:
     if kind == "correct_boxed":
         return _think(reasoning, f"The final answer is $\\boxed{{{answer}}}$.")
     if kind == "wrong_boxed":
@@ -118,5 +121,53 @@ def build_samples(data_dir: Path, per_row: dict[str, int] = PER_ROW, seed: int =
             answer = math_content(row["answer"])
             wrong = _wrong(answer, golds, rng)
             for kind in rng.sample(KINDS, per_row[benchmark]):
-                samples.append(Sample(benchmark, row["id"], kind, _completion(kind, row, answer, wrong, rng), row["answer"]))
+                completion = _completion(kind, _reasoning(row), answer, wrong, rng)
+                samples.append(Sample(benchmark, row["id"], kind, completion, row["answer"]))
+    return samples
+
+
+def _resampled(reasoning: str, rng: random.Random, keep: float = 0.8) -> str:
+    """Another sample of the same working: each sentence or line kept with probability ``keep``."""
+    sentences = re.split(r"(?<=[.!?])\s+|\n+", reasoning)
+    return "\n".join([sentence for sentence in sentences if rng.random() < keep] or sentences[:1])
+
+
+def _with_check(completion: str, rng: random.Random) -> str:
+    """The completion with a check of some arithmetic after its first line, as models write them."""
+    a, b = rng.randint(2, 999), rng.randint(2, 999)
+    first, _, rest = completion.partition("\n")
+    return f"{first}\nLet me check: ${a} \\times {b} = {a * b}$.\n{rest}"
+
+
+def build_grpo_steps(
+    data_dir: Path, group_size: int, steps: int, batch: int = 96, wrong_per_problem: int = 3, seed: int = 0
+) -> list[Sample]:
+    """The completions a GRPO trainer grades: ``steps`` steps of ``batch`` completions, in order.
+
+    Each step draws ``batch // group_size`` prompts, without replacement over the run, from all the
+    sets' problems shuffled together; each prompt's ``group_size`` completions are adjacent, as
+    TRL's sampler orders them. Each completion's kind is drawn uniformly from :data:`KINDS`, with
+    replacement. Its reasoning is a resample of the solution (each sentence kept with probability
+    0.8), and a check of some random arithmetic follows its first line, so that no two
+    completions are the same text. A problem's wrong answers come from ``wrong_per_problem`` drawn
+    once for it (models repeat a few popular wrong answers); its right ones are the gold's. A
+    group repeats answers, then, as far as the kinds' uniform draws make it.
+    """
+    if batch % group_size:
+        raise ValueError(f"batch {batch} is not a multiple of group_size {group_size}")
+    rng = random.Random(seed)
+    problems = [(benchmark, row) for benchmark in BENCHMARK_SETS for row in load_rows(data_dir, benchmark)]
+    prompts = steps * batch // group_size
+    if prompts > len(problems):
+        raise ValueError(f"{steps} steps need {prompts} prompts; the sets have {len(problems)} problems")
+    golds = {benchmark: [row["answer"] for b, row in problems if b == benchmark] for benchmark in BENCHMARK_SETS}
+    samples = []
+    for benchmark, row in rng.sample(problems, prompts):
+        answer = math_content(row["answer"])
+        wrongs = [_wrong(answer, golds[benchmark], rng) for _ in range(wrong_per_problem)]
+        for _ in range(group_size):
+            kind = rng.choice(KINDS)
+            reasoning = _resampled(_reasoning(row), rng)
+            completion = _with_check(_completion(kind, reasoning, answer, rng.choice(wrongs), rng), rng)
+            samples.append(Sample(benchmark, row["id"], kind, completion, row["answer"]))
     return samples

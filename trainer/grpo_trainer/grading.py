@@ -22,6 +22,14 @@ main thread, a memory cap, completion text only ever parsed, never evaluated), e
 wall-clock bound that the parent enforces by killing the worker and starting a new one.
 concurrent.futures cannot kill one task, hence the small pool here built on multiprocessing's
 processes, pipes and ``connection.wait``.
+
+A GRPO step repeats itself: a group's completions give a few answers (the right one, some popular
+wrong ones) against one gold. So each worker keeps the expensive, deterministic steps, keyed by
+exactly what determines them: the sympy parse of a LaTeX (or plain) string, and verify()'s result
+for the very parsed objects of an earlier item. A repeated answer then costs a regex pass and two
+lookups, and the items of one gold go to one worker so that its caches see the repeats. A cache
+never carries a failure from one item to another, and a miss runs as before, inside the item's
+bound and the worker's memory cap.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import os
 import signal
 import threading
 import time
-from collections import deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from multiprocessing import connection
@@ -53,8 +61,15 @@ WORKER_ERROR = "worker_error"
 ANSWER_PREVIEW_CHARS = 200
 """The extracted answer a verdict carries is cut to this length (it is for logs, not grading)."""
 
+CACHE_ENTRIES = 4096
+"""Parsed strings, and verify() results, that a worker keeps (math-verify itself keeps 20 parses)."""
+
+_CACHED_CHARS = 256  # longer strings are rare and bulky; they keep math-verify's own 20-entry cache
+_VERIFY_ALARM_S = 3  # math-verify's default: a comparison that outlasts its alarm is False
+
 _STARTUP_TIMEOUT_S = 120.0
 _READY = "ready"
+_CACHE_STATS = "cache_stats"
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +141,73 @@ def parse_gold(gold: str) -> list[Any]:
     return parse(f"\\boxed{{{gold}}}", [LatexExtractionConfig()]) if gold else []
 
 
-def grade_here(completion: str, gold: str, profile: Profile = "open-rs") -> Verdict:
+class _Caches:
+    """A worker's caches: math-verify's parsers made to keep ``entries`` strings, and verify()'s
+    results for ``entries`` pairs of parsed answers. Installing them changes no verdict: a hit
+    returns what the same call on the same input returned."""
+
+    def __init__(self, entries: int) -> None:
+        from math_verify import parser
+
+        self.parsers = []
+        for name in ("parse_latex_with_timeout", "parse_expr_with_timeout"):
+            own = getattr(parser, name)  # lru_cache(maxsize=20); like it, ours keeps no exception
+            kept = lru_cache(maxsize=entries)(own.__wrapped__)
+
+            def parse(text: str, timeout_seconds: int, own=own, kept=kept) -> Any:
+                return (kept if len(text) <= _CACHED_CHARS else own)(text, timeout_seconds)
+
+            setattr(parser, name, parse)
+            self.parsers.append(kept)
+        self.entries = entries
+        self.verified: OrderedDict[tuple, tuple[bool, list, list]] = OrderedDict()
+        self.verify_hits = self.verify_misses = 0
+
+    def verify(self, first: list, second: list, precision: int) -> bool:
+        """math-verify's verify(first, second), remembered for inputs that are the same objects.
+
+        Sympy objects count as the same only if they are the same object (the parse cache hands
+        out one per string), so that a hit is the same call on the same input, not on an equal
+        one; strings by value. A result is kept only if no alarm can have fired, so that a
+        timeout is not passed on, and only for short answers, whose objects the parse cache holds
+        anyway (the entry pins them: their ids stay theirs while it lives).
+        """
+        from math_verify import verify
+
+        parts = [*first, *second]
+        if any(isinstance(part, str) and len(part) > _CACHED_CHARS for part in parts):
+            return verify(first, second, precision=precision, timeout_seconds=_VERIFY_ALARM_S)
+        key = (precision, tuple(map(_identity, first)), tuple(map(_identity, second)))
+        if key in self.verified:
+            self.verify_hits += 1
+            self.verified.move_to_end(key)
+            return self.verified[key][0]
+        self.verify_misses += 1
+        started = time.monotonic()
+        correct = verify(first, second, precision=precision, timeout_seconds=_VERIFY_ALARM_S)
+        if time.monotonic() - started < _VERIFY_ALARM_S:
+            self.verified[key] = (correct, first, second)
+            if len(self.verified) > self.entries:
+                self.verified.popitem(last=False)
+        return correct
+
+    def stats(self) -> Counter[str]:
+        parses = [parser.cache_info() for parser in self.parsers]
+        return Counter(
+            parse_hits=sum(info.hits for info in parses),
+            parse_misses=sum(info.misses for info in parses),
+            verify_hits=self.verify_hits,
+            verify_misses=self.verify_misses,
+        )
+
+
+def _identity(part: Any) -> Any:
+    return part if isinstance(part, str) else id(part)
+
+
+def grade_here(
+    completion: str, gold: str, profile: Profile = "open-rs", caches: _Caches | None = None
+) -> Verdict:
     """Grade in this process, unbounded. Only for a worker's main thread (math-verify's alarms)."""
     from math_verify import parse, verify
 
@@ -138,16 +219,19 @@ def grade_here(completion: str, gold: str, profile: Profile = "open-rs") -> Verd
     if not answer_parsed:
         return Verdict(False)
     # verify() turns its own errors and timeouts into False, as Open-RS's reward relied on.
-    if extraction.answer_first:
-        correct = verify(answer_parsed, gold_parsed, precision=extraction.precision)
+    first, second = (answer_parsed, gold_parsed) if extraction.answer_first else (gold_parsed, answer_parsed)
+    if caches is not None:
+        correct = caches.verify(first, second, extraction.precision)
     else:
-        correct = verify(gold_parsed, answer_parsed, precision=extraction.precision)
+        correct = verify(first, second, precision=extraction.precision, timeout_seconds=_VERIFY_ALARM_S)
     # With fallback "first_match" the last element is the matched text (printing sympy can hang).
     answer = answer_parsed[-1][:ANSWER_PREVIEW_CHARS] if isinstance(answer_parsed[-1], str) else None
     return Verdict(correct, answer)
 
 
-def _serve(conn: connection.Connection, profile: Profile, memory_limit_bytes: int | None) -> None:
+def _serve(
+    conn: connection.Connection, profile: Profile, memory_limit_bytes: int | None, cache_entries: int
+) -> None:
     """A worker's main loop: receive a chunk of (index, completion, gold), answer item by item."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     if memory_limit_bytes is not None:
@@ -155,6 +239,7 @@ def _serve(conn: connection.Connection, profile: Profile, memory_limit_bytes: in
 
         resource.setrlimit(resource.RLIMIT_AS, (memory_limit_bytes, memory_limit_bytes))
     grade_here("$1$", "1", profile)  # load the LaTeX parser before the first timed item
+    caches = _Caches(cache_entries) if cache_entries else None
     conn.send(_READY)
     while True:
         try:
@@ -163,9 +248,12 @@ def _serve(conn: connection.Connection, profile: Profile, memory_limit_bytes: in
             return
         if chunk is None:
             return
+        if chunk == _CACHE_STATS:
+            conn.send(caches.stats() if caches else Counter())
+            continue
         for index, completion, gold in chunk:
             try:
-                verdict = grade_here(completion, gold, profile)
+                verdict = grade_here(completion, gold, profile, caches)
             except Exception as error:  # MemoryError, RecursionError, anything math-verify let out
                 verdict = Verdict(False, reason=f"{WORKER_ERROR}:{type(error).__name__}")
             conn.send((index, verdict))
@@ -177,11 +265,12 @@ def _serve(conn: connection.Connection, profile: Profile, memory_limit_bytes: in
 class _Worker:
     """One worker process, the items it was sent and when it started on the current one."""
 
-    def __init__(self, context: BaseContext, profile: Profile, memory_limit_bytes: int | None) -> None:
+    def __init__(
+        self, context: BaseContext, profile: Profile, memory_limit_bytes: int | None, cache_entries: int
+    ) -> None:
         self.conn, child_conn = context.Pipe(duplex=True)
-        self.process = context.Process(
-            target=_serve, args=(child_conn, profile, memory_limit_bytes), name="grpo-grader", daemon=True
-        )
+        args = (child_conn, profile, memory_limit_bytes, cache_entries)
+        self.process = context.Process(target=_serve, args=args, name="grpo-grader", daemon=True)
         self.process.start()
         child_conn.close()  # so that the worker's death reads as EOF here
         self.ready = False
@@ -242,6 +331,8 @@ class Grader:
     dies, is replaced and that item gets a failed verdict. ``close()`` (or leaving a ``with``
     block) stops the workers; the process-wide grader of :func:`get_grader` is closed at exit.
     ``workers`` defaults to the cores this process may use; ranks sharing a node should split them.
+    Each worker caches up to ``cache_entries`` parses and verify() results (0: none); see the
+    module's docstring.
     """
 
     def __init__(
@@ -250,12 +341,16 @@ class Grader:
         timeout_s: float = 5.0,
         memory_limit_mb: int | None = 2048,
         profile: Profile = "open-rs",
+        cache_entries: int = CACHE_ENTRIES,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        if cache_entries < 0:
+            raise ValueError(f"cache_entries must be 0 or more, got {cache_entries}")
         self.workers = workers or _usable_cores()
         self.timeout_s = timeout_s
         self.profile = profile
+        self.cache_entries = cache_entries
         self._memory_limit_bytes = memory_limit_mb * 2**20 if memory_limit_mb else None
         self._pool: list[_Worker] = []
         self._pool_pid = os.getpid()
@@ -298,6 +393,20 @@ class Grader:
                 verdicts[index] = verdicts[first_of[completion, gold]]
         return verdicts  # type: ignore[return-value]
 
+    def cache_stats(self) -> Counter[str]:
+        """Hits and misses of the workers' caches (parse_hits, parse_misses, verify_hits,
+        verify_misses), summed over the live workers: a replaced worker's counts are gone."""
+        stats: Counter[str] = Counter()
+        with self._lock:
+            for worker in self._pool if self._pool_pid == os.getpid() else []:
+                if worker.ready:
+                    try:
+                        worker.conn.send(_CACHE_STATS)
+                        stats.update(worker.conn.recv())
+                    except (EOFError, OSError):  # it died while idle; the next batch replaces it
+                        pass
+        return stats
+
     def close(self) -> None:
         """Stop the workers; a later call starts new ones."""
         with self._lock:
@@ -311,22 +420,22 @@ class Grader:
     def _start_worker(self) -> _Worker:
         if self._context is None:
             self._context = _process_context()
-        return _Worker(self._context, self.profile, self._memory_limit_bytes)
+        return _Worker(self._context, self.profile, self._memory_limit_bytes, self.cache_entries)
 
     def _run(self, todo: list[tuple[int, str, str]], verdicts: list[Verdict | None]) -> None:
         if self._pool_pid != os.getpid():  # a forked copy of this grader: those workers are not ours
             self._pool, self._pool_pid = [], os.getpid()
         while len(self._pool) < self.workers:
             self._pool.append(self._start_worker())
-        # Items of one gold travel together so that a worker parses that gold once; chunks are
-        # small enough to keep every worker busy to the end.
+        # Items of one gold travel together, so that one worker's caches see a group's repeated
+        # answers; chunks are small enough to keep every worker busy to the end.
         queue = deque(sorted(todo, key=lambda item: item[2]))
         chunk_size = max(1, min(32, math.ceil(len(queue) / (4 * self.workers))))
         remaining = len(queue)
         while remaining:
             for slot, worker in enumerate(self._pool):
                 if worker.ready and not worker.pending and queue:
-                    chunk = [queue.popleft() for _ in range(min(chunk_size, len(queue)))]
+                    chunk = _next_chunk(queue, chunk_size)
                     try:
                         worker.send(chunk, self.timeout_s)
                     except OSError:  # it died while idle: the chunk goes back, untouched
@@ -376,6 +485,18 @@ class Grader:
         )
         verdicts[index] = Verdict(False, reason=reason, seconds=seconds)
         return 1
+
+
+def _next_chunk(queue: deque[tuple[int, str, str]], size: int) -> list[tuple[int, str, str]]:
+    """The next ``size`` items, and the rest of the last one's gold if that is ``size`` items or
+    fewer: a group stays with one worker's caches, a gold with many items still goes to all."""
+    chunk = [queue.popleft() for _ in range(min(size, len(queue)))]
+    rest = 0
+    while rest <= size and rest < len(queue) and queue[rest][2] == chunk[-1][2]:
+        rest += 1
+    if rest <= size:
+        chunk += [queue.popleft() for _ in range(rest)]
+    return chunk
 
 
 _default: Grader | None = None
