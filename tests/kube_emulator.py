@@ -383,19 +383,25 @@ class KubeEmulator(kmock.KubernetesScaffold):
     _events: list[_Event] = attrs.field(factory=list, init=False)
     _events_grew: asyncio.Event = attrs.field(factory=asyncio.Event, init=False)
     _faults: list[Fault] = attrs.field(factory=list, init=False)
+    _shutting_down: bool = attrs.field(default=False, init=False)
+    _reactions: dict[Any, Any] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         for resource in BUILTINS:
             self.resources[resource] = builtin_info(resource)
-        # Lowest priority, so a test's own reactions (kube[...] << 500) come first.
-        self.fallback[kmock.action.LIST] << self._serve_list
-        self.fallback[kmock.action.WATCH] << self._serve_watch
-        self.fallback[kmock.action.FETCH] << self._serve_get
-        self.fallback[kmock.action.CREATE] << self._serve_create
-        self.fallback[kmock.action.UPDATE] << self._serve_patch
-        self.fallback[kmock.method.PUT] << self._serve_update
-        self.fallback[kmock.action.DELETE] << self._serve_delete
+        # By action, or by method where kmock guesses no action (PUT). kmock would find these by
+        # replaying every request served so far through each reaction's filters, a cost that grows
+        # with each request; _handle calls them directly instead (faults: kube.fail).
+        self._reactions = {
+            kmock.action.LIST: self.fallback[kmock.action.LIST] << self._serve_list,
+            kmock.action.WATCH: self.fallback[kmock.action.WATCH] << self._serve_watch,
+            kmock.action.FETCH: self.fallback[kmock.action.FETCH] << self._serve_get,
+            kmock.action.CREATE: self.fallback[kmock.action.CREATE] << self._serve_create,
+            kmock.action.UPDATE: self.fallback[kmock.action.UPDATE] << self._serve_patch,
+            kmock.method.PUT: self.fallback[kmock.method.PUT] << self._serve_update,
+            kmock.action.DELETE: self.fallback[kmock.action.DELETE] << self._serve_delete,
+        }
 
     @property
     def objects(self) -> kmock.ObjectsArray:
@@ -433,6 +439,12 @@ class KubeEmulator(kmock.KubernetesScaffold):
         fault = Fault(times, status, matches)
         self._faults.append(fault)
         return fault
+
+    def end_watches(self) -> None:
+        """End every watch now, as an API server shutting down does; the HTTP server's shutdown
+        would otherwise wait for each to run out its timeoutSeconds."""
+        self._shutting_down = True
+        self._events_grew.set()
 
     def api_calls(self) -> collections.Counter[ApiCall]:
         """How many API calls were made, per verb and resource (discovery is not counted)."""
@@ -688,7 +700,10 @@ class KubeEmulator(kmock.KubernetesScaffold):
                 fault.times -= 1
                 error = api_error(fault.status, f"injected by the test: HTTP {fault.status}")
                 return await self._render_error(error)
-        return await super()._handle(request)
+        reaction = self._reactions.get(request.action or request.method) if api_call(request) else None
+        if reaction is not None:
+            return await reaction(request)
+        return await super()._handle(request)  # discovery, and what is not served: 404
 
     def _selected(self, request: kmock.Request) -> Callable[[kmock.resource, Mapping[str, Any]], bool]:
         """Whether an object is one a list or watch request asks for."""
@@ -732,7 +747,7 @@ class KubeEmulator(kmock.KubernetesScaffold):
             for resource, obj in list(self._live()):
                 if selected(resource, obj):
                     yield {"type": "ADDED", "object": obj}
-        while True:
+        while not self._shutting_down:
             grew = self._events_grew
             start = bisect.bisect_right(self._events, seen, key=lambda event: event.resource_version)
             for event in self._events[start:]:
@@ -807,9 +822,11 @@ async def running_operator(
     *,
     namespaces: Collection[str] = (),
     settings: kopf.OperatorSettings | None = None,
+    memo: object | None = None,
 ) -> AsyncIterator[None]:
     """Run kopf with the handlers in `registry` against the API at `url` (cluster-wide unless
     `namespaces` are given) until the block exits; an error of the operator is raised on exit.
+    `memo` is the operator's memo, as kopf.run(memo=...) takes it: what the handlers are given.
 
     kopf runs in a thread with its own event loop, so that its shutdown, which cancels every task
     started after it, leaves the emulator's alone. While it runs, the test must await (not block)
@@ -830,6 +847,7 @@ async def running_operator(
             clusterwide=not namespaces,
             namespaces=list(namespaces),
             vault=vault,
+            memo=memo,
             stop_flag=stop,
             ready_flag=ready,
         ))
@@ -864,13 +882,21 @@ async def eventually(check: Callable[[], T | Awaitable[T]], timeout: float = 10.
         await asyncio.sleep(interval)
 
 
-@pytest_asyncio.fixture
-async def kube() -> AsyncIterator[KubeEmulator]:
+@contextlib.asynccontextmanager
+async def emulated_cluster() -> AsyncIterator[KubeEmulator]:
     """An empty cluster on a free localhost port (``kube.url``): namespace default and the GRPORun
-    CRD. Fails the test if the emulator itself broke (an error that is not an API answer)."""
+    CRD. Fails on exit if the emulator itself broke (an error that is not an API answer)."""
     async with KubeEmulator() as emulator, kmock.Server(emulator):
         emulator.create_object(NAMESPACES, {"metadata": {"name": "default"}})
         emulator.create_object(CRDS, grporun_crd())
         yield emulator
+        emulator.end_watches()
         broken = [error for error in emulator.errors if not isinstance(error, kmock.KubernetesError)]
         assert not broken, f"the emulator failed: {broken!r}"
+
+
+@pytest_asyncio.fixture
+async def kube() -> AsyncIterator[KubeEmulator]:
+    """A cluster of its own for the test: see emulated_cluster."""
+    async with emulated_cluster() as emulator:
+        yield emulator

@@ -118,6 +118,18 @@ def crd(args: argparse.Namespace) -> int:
     return 0
 
 
+def operator(args: argparse.Namespace) -> int:
+    import kopf
+
+    import grpo_operator.handlers  # noqa: F401  (importing it registers the handlers with kopf)
+
+    kopf.configure(verbose=args.verbose)
+    # Standalone: one replica, and no kopf peering objects to install. Two operators at once would
+    # still never start two pods of a run (pod names are per attempt), but would race on its status.
+    kopf.run(standalone=True, clusterwide=args.all_namespaces, namespaces=args.namespace or ())
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="grpo", description="Train small reasoning models with GRPO.")
     commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -142,6 +154,14 @@ def parser() -> argparse.ArgumentParser:
     target.add_argument("-o", "--output", metavar="PATH", help="write it to PATH instead of stdout")
     target.add_argument("--check", metavar="PATH", help="exit 1 if PATH differs from the generated CRD")
     command.set_defaults(handler=crd)
+
+    command = commands.add_parser("operator", help="run the GRPORun operator (kopf) with the kubeconfig or in-cluster account")
+    scope = command.add_mutually_exclusive_group(required=True)
+    scope.add_argument("-n", "--namespace", action="append", metavar="NAMESPACE",
+                       help="watch GRPORuns in this namespace; repeatable, globs such as 'team-*' too")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch GRPORuns in every namespace")
+    command.add_argument("-v", "--verbose", action="store_true", help="log kopf's debug messages")
+    command.set_defaults(handler=operator)
     return root
 
 

@@ -1,0 +1,204 @@
+"""The kopf handlers of the GRPORun operator: ``grpo operator``, or ``kopf run -m grpo_operator.handlers``.
+
+Each run gets one reconcile loop, a kopf daemon, like a controller-runtime worker for its key: it
+reads the run and its pods from the API server, asks :func:`grpo_operator.state.decide` what to do,
+does it, and sleeps until a pod of the run or the run's spec changes, or until the time the decision
+asked to come back (a backoff, the deadline, the TTL). Level-based: each pass looks only at what is
+stored now, so an event missed, repeated, or lost with an operator restart changes nothing. One loop
+per run means one reconcile at a time per run, as the attempt protocol in state.py needs.
+
+Everything kopf itself stores lives under ``grpo.dev``: its finalizer (kopf stops a run's loop
+before the run goes) and, were there change handlers, their progress and diff base, in annotations
+rather than kopf's default ``status.kopf``, which the CRD's status schema has no place for. The
+handlers return nothing, so kopf writes no results into the status either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from operator import attrgetter
+from typing import Any
+
+import kopf
+import urllib3
+
+from grpo_operator import manifests
+from grpo_operator.cluster import ApiException, Cluster
+from grpo_operator.manifests import APP_LABEL, RUN_LABEL
+from grpo_operator.state import ABSENT, decide, observe_pod, validate_body
+from grpo_trainer.spec import API_GROUP, API_VERSION, PLURAL, GRPORun, GRPORunStatus
+from grpo_trainer.validation import FieldError
+
+RUNS = (API_GROUP, API_VERSION, PLURAL)
+PODS = ("", "v1", "pods")
+POD_LABELS: dict[str, Any] = {**APP_LABEL, RUN_LABEL: kopf.PRESENT}
+
+RESYNC = timedelta(minutes=5)
+"""The longest a run's loop sleeps: a safety net for a change whose watch event went missing."""
+
+OPERATOR_STATUS_FIELDS = frozenset(
+    {"phase", "conditions", "observed_generation", "attempt", "restarts", "start_time", "completion_time", "message"}
+)
+"""The status fields the operator writes. The trainer writes the others (progress, checkpoints);
+patching only these leaves its reports alone, whatever their age in the operator's read."""
+
+API_ERRORS = (ApiException, urllib3.exceptions.HTTPError)
+
+
+def configure(settings: kopf.OperatorSettings) -> None:
+    """kopf's settings for this operator."""
+    settings.persistence.finalizer = f"{API_GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=API_GROUP, key="last-handled-configuration"
+    )
+    # A run's loop exits within a few event-loop cycles of being stopped, more than kopf waits by
+    # default; a deleted run would then keep its finalizer for cancellation_backoff more.
+    settings.background.instant_exit_timeout = 0.1
+    # Watch only the runs' pods, filtered by the API server rather than in here.
+    settings.watching.label_selectors[PODS] = ",".join(
+        key if value is kopf.PRESENT else f"{key}={value}" for key, value in POD_LABELS.items()
+    )
+
+
+@kopf.on.startup()
+def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    configure(settings)
+    memo.wakeups = {}  # (namespace, run name) → the asyncio.Event its loop sleeps on
+    memo.retry_delays = list(settings.networking.error_backoffs) or [1.0]
+    if "cluster" not in memo:  # tests and benchmarks bring one connected to their API server
+        memo.cluster = Cluster.connect()
+
+
+@kopf.on.cleanup()
+def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    memo.cluster.close()
+
+
+# Stopped (the run deleted, the operator exiting), a loop finishes its pass first; after a second, it is
+# cancelled (the pass's thread finishes on its own). A deleted run keeps kopf's finalizer till then.
+@kopf.daemon(*RUNS, id="reconcile", cancellation_backoff=1.0, cancellation_timeout=5.0)
+async def reconcile_loop(
+    namespace: str, name: str, memo: kopf.Memo, stopped: kopf.DaemonStopped, logger: logging.Logger, **_: Any
+) -> None:
+    """A run's reconcile loop, from its creation (or the operator's start) until kopf stops it."""
+    key = (namespace, name)
+    wakeup = memo.wakeups[key] = asyncio.Event()
+    validation = Validation()
+    failures = 0
+    try:
+        while not stopped:
+            wakeup.clear()  # before reading: a change from now on wakes the next pass
+            try:
+                requeue_at = await asyncio.to_thread(reconcile, memo.cluster, namespace, name, validation)
+            except API_ERRORS as error:  # retried as kopf retries its own API calls
+                delay = memo.retry_delays[min(failures, len(memo.retry_delays) - 1)]
+                failures += 1
+                logger.warning(f"reconcile failed, again in {delay} s: {_describe(error)}")
+                requeue_at = datetime.now(UTC) + timedelta(seconds=delay)
+            else:
+                failures = 0
+            await _sleep(requeue_at, wakeup, stopped)
+    finally:
+        if memo.wakeups.get(key) is wakeup:  # a new run of the same name may have its own loop by now
+            del memo.wakeups[key]
+
+
+def _new_generation(meta: Mapping[str, Any], status: Mapping[str, Any], **_: Any) -> bool:
+    return meta.get("generation") != status.get("observedGeneration")
+
+
+@kopf.on.event(*RUNS, when=_new_generation)
+async def wake_on_spec_change(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    """A changed spec (spec.suspend, say): the run's loop reconciles now. Status updates, the
+    operator's and the trainer's, change no generation and wake nothing."""
+    _wake(memo, namespace, name)
+
+
+@kopf.on.event(*PODS, labels=POD_LABELS)
+async def wake_on_pod_change(namespace: str, labels: Mapping[str, str], memo: kopf.Memo, **_: Any) -> None:
+    """A pod of a run was created, changed or deleted: its run's loop reconciles now."""
+    _wake(memo, namespace, labels[RUN_LABEL])
+
+
+def _wake(memo: kopf.Memo, namespace: str, name: str) -> None:
+    wakeup = memo.wakeups.get((namespace, name))
+    if wakeup is not None:  # none: the loop has not started yet, and will read the change when it does
+        wakeup.set()
+
+
+async def _sleep(until: datetime | None, wakeup: asyncio.Event, stopped: kopf.DaemonStopped) -> None:
+    """Until the time comes (at most RESYNC from now), the run's loop is woken, or kopf stops it."""
+    now = datetime.now(UTC)
+    seconds = (min(until, now + RESYNC) if until is not None else now + RESYNC) - now
+    waiters = [asyncio.ensure_future(wakeup.wait()), asyncio.ensure_future(stopped.wait())]
+    try:
+        await asyncio.wait(waiters, timeout=max(seconds.total_seconds(), 0), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, ApiException):
+        return f"HTTP {error.status} {error.reason}"
+    return str(error)
+
+
+# ------------------------------------------------------------------------------ one pass
+
+
+@dataclass
+class Validation:
+    """validate_body of the run's current generation, kept: its CEL rules take tens of
+    milliseconds, and the spec changes only with the generation."""
+
+    generation: int | None = None
+    result: GRPORun | list[FieldError] | None = None
+
+    def of(self, body: Mapping[str, Any]) -> GRPORun | list[FieldError]:
+        generation = body["metadata"]["generation"]
+        if self.result is None or generation != self.generation:
+            self.generation, self.result = generation, validate_body(body)
+        return self.result
+
+
+def reconcile(cluster: Cluster, namespace: str, name: str, validation: Validation) -> datetime | None:
+    """One pass: read the run, then its pods (in that order, as decide requires), decide, act.
+    Returns when to come back even if nothing changes."""
+    body = cluster.read_run(namespace, name)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return None  # kopf stops this loop
+    run = validation.of(body)
+    stored = body.get("status") or {}
+    status = GRPORunStatus.model_validate(stored)
+    newest = max(map(observe_pod, cluster.list_pods(body)), key=attrgetter("attempt"), default=ABSENT)
+    spec = run.spec if isinstance(run, GRPORun) else run
+    decision = decide(spec, status, newest, generation=body["metadata"]["generation"], now=datetime.now(UTC))
+
+    if decision.create_pod is not None and isinstance(run, GRPORun):
+        # What the pod mounts and runs as first: the pod names its ConfigMap and ServiceAccount.
+        for owned in (manifests.config_map(run), manifests.service_account(run), manifests.role(run), manifests.role_binding(run)):
+            cluster.apply(owned)
+        cluster.create(manifests.pod(run, attempt=decision.create_pod))  # exists already: adopted next pass
+    if decision.delete_pod is not None:
+        cluster.delete_pod(namespace, decision.delete_pod)
+    change = status_patch(stored, decision.status)
+    if change:
+        cluster.patch_status(namespace, name, change)
+    for event in decision.events:  # after the status: a pass killed in between loses one, posts none twice
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+    if decision.delete_run:
+        cluster.delete_run(namespace, name)
+    return decision.requeue_at
+
+
+def status_patch(stored: Mapping[str, Any], decided: GRPORunStatus) -> dict[str, Any]:
+    """The merge patch that takes the operator's fields of the status as stored to the decided ones
+    (null removes a field); empty if they are the same."""
+    new = decided.model_dump(mode="json", by_alias=True, include=OPERATOR_STATUS_FIELDS)
+    return {key: value for key, value in new.items() if stored.get(key) != value}

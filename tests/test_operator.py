@@ -1,0 +1,530 @@
+"""The operator end to end: kopf runs grpo_operator.handlers in-process against the API emulator
+(tests/kube_emulator.py), and each test plays the user (kubectl), the kubelet and the trainer.
+
+The emulator runs no pods: a test reports a pod's status as its kubelet would. Pods go at once when
+deleted, so a suspended or timed-out pod is simply gone, as after its trainer checkpointed on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import math
+import os
+import random
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import kopf
+import kubernetes
+import pytest
+import yaml
+from kube_emulator import (
+    CONFIGMAPS,
+    EVENTS,
+    GRPORUNS,
+    PODS,
+    ROLEBINDINGS,
+    ROLES,
+    SERVICEACCOUNTS,
+    KubeEmulator,
+    eventually,
+    running_operator,
+    terminated,
+    waiting,
+)
+
+import grpo_operator.handlers  # noqa: F401  (registers the handlers with kopf's default registry)
+from grpo_operator import manifests, state
+from grpo_operator.cluster import FIELD_MANAGER, USER_AGENT, Cluster
+from grpo_operator.manifests import RUN_LABEL, pod_name
+from grpo_trainer.cli import parser as grpo_parser
+from grpo_trainer.spec import GRPORunStatus
+from grpo_trainer.termination import EXIT_INVALID, Outcome, TerminationMessage
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = yaml.safe_load((REPO / "examples" / "cpu-smollm2.yaml").read_text())
+NS = "default"
+OWNED = {CONFIGMAPS: "config_map", SERVICEACCOUNTS: "service_account", ROLES: "role", ROLEBINDINGS: "role_binding"}
+SERVER_METADATA = ("uid", "creationTimestamp", "resourceVersion", "generation")
+
+
+@pytest.fixture(autouse=True)
+def quick_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(state, "BACKOFF_BASE_SECONDS", 0.05)  # 10 s in a cluster
+
+
+def manifest(name: str = "run", **spec: Any) -> dict[str, Any]:
+    """The CPU example, without evaluation (so a completed run succeeds), with ``spec`` fields set."""
+    body = {**EXAMPLE, "metadata": {"name": name}}
+    body["spec"] = {**EXAMPLE["spec"], "evaluation": {"checkpoints": "none"}, **spec}
+    return body
+
+
+@contextlib.asynccontextmanager
+async def operator(kube: KubeEmulator) -> AsyncIterator[None]:
+    """The operator, running until the block exits, from when it watches pods: kopf stopped while
+    its start-up calls are in flight waits 5 s for them to time out."""
+    configuration = kubernetes.client.Configuration(host=str(kube.url).rstrip("/"))
+    memo = kopf.Memo(cluster=Cluster(kubernetes.client.ApiClient(configuration)))
+    before = len(list(kube))
+    async with running_operator(str(kube.url), kopf.get_default_registry(), namespaces=[NS], memo=memo):
+        await eventually(lambda: any(r.resource == PODS and "watch" in r.params for r in list(kube)[before:]))
+        yield
+
+
+# ------------------------------------------------------------------------------ what a test reads
+
+
+def run_of(kube: KubeEmulator, name: str = "run") -> dict[str, Any] | None:
+    return kube.read_object(GRPORUNS, NS, name)
+
+
+def status_of(kube: KubeEmulator, name: str = "run") -> dict[str, Any]:
+    return (run_of(kube, name) or {}).get("status") or {}
+
+
+def condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
+    return next((c for c in status.get("conditions", []) if c["type"] == kind), {})
+
+
+def pod_of(kube: KubeEmulator, attempt: int, name: str = "run") -> dict[str, Any] | None:
+    return kube.read_object(PODS, NS, pod_name(name, attempt))
+
+
+def pods_ever(kube: KubeEmulator, name: str = "run") -> dict[str, list[Any]]:
+    """Every pod the run ever had, by name, with all its versions (None: deleted)."""
+    return {
+        pod: list(obj.history)
+        for (resource, _, pod), obj in kube.objects.items()
+        if resource == PODS and obj.history[0]["metadata"]["labels"].get(RUN_LABEL) == name
+    }
+
+
+def events_of(kube: KubeEmulator, name: str = "run") -> list[tuple[str, str]]:
+    return [
+        (event["type"], event["reason"])
+        for (resource, _, _), obj in kube.objects.items()
+        if resource == EVENTS and not obj.deleted and (event := obj.raw)["involvedObject"]["name"] == name
+    ]
+
+
+def phase_is(kube: KubeEmulator, phase: str, name: str = "run") -> Callable[[], bool]:
+    def check() -> bool:
+        return status_of(kube, name).get("phase") == phase
+
+    check.__name__ = f"{name} is {phase}"
+    return check
+
+
+def without_server_fields(obj: dict[str, Any]) -> dict[str, Any]:
+    metadata = {key: value for key, value in obj["metadata"].items() if key not in SERVER_METADATA}
+    return {key: value for key, value in obj.items() if key != "status"} | {"metadata": metadata}
+
+
+# ------------------------------------------------------------------------------ what the kubelet says
+
+COMPLETED = TerminationMessage(Outcome.COMPLETED, step=60).to_json()
+PREEMPTED = TerminationMessage(Outcome.PREEMPTED, step=30, checkpoint_uri="file:///runs/run/step-30").to_json()
+
+
+def report(kube: KubeEmulator, attempt: int, phase: str, trainer: dict[str, Any] | None = None, name: str = "run", **status: Any) -> None:
+    kube.set_pod_status(NS, pod_name(name, attempt), phase, containers={"trainer": trainer} if trainer else None, **status)
+
+
+def end(kube: KubeEmulator, attempt: int, how: str, name: str = "run") -> None:
+    """The trainer of the attempt ends: a failure the operator retries, a preemption, or the end of training."""
+    match how:
+        case "crash":
+            report(kube, attempt, "Failed", terminated(1, message="Traceback ...\nRuntimeError: CUDA error"), name)
+        case "oom":
+            report(kube, attempt, "Failed", terminated(137, "OOMKilled"), name)
+        case "evicted":
+            report(kube, attempt, "Failed", name=name, reason="Evicted", message="The node was low on resource: memory.")
+        case "deleted":  # the node went away and the pod with it
+            kube.delete_object(PODS, NS, pod_name(name, attempt))
+        case "preempted":
+            report(kube, attempt, "Succeeded", terminated(0, message=PREEMPTED), name)
+        case "completed":
+            report(kube, attempt, "Succeeded", terminated(0, message=COMPLETED), name)
+        case _:
+            raise ValueError(how)
+
+
+RETRIED = {"crash": "Error", "oom": "OOMKilled", "evicted": "Evicted", "deleted": "PodDeleted"}
+"""How each failure the operator retries is reported: the reason of the Running condition and the event."""
+
+
+def report_progress(kube: KubeEmulator, step: int, name: str = "run") -> None:
+    """What the trainer writes into its run's status (under its own field manager)."""
+    kube.patch_object(GRPORUNS, NS, name, {"status": {"progress": {"step": step, "totalSteps": 60, "reward": 0.5}}}, "status")
+
+
+# ------------------------------------------------------------------------------ scenarios
+
+
+@pytest.mark.asyncio
+async def test_a_new_run_gets_exactly_its_pod_and_the_objects_it_needs(kube: KubeEmulator):
+    async with operator(kube):
+        kube.create_object(GRPORUNS, manifest(), NS)
+        await eventually(lambda: pod_of(kube, 1) and condition(status_of(kube), "Created").get("status") == "True")
+        await eventually(lambda: events_of(kube))
+
+    stored = run_of(kube)
+    run = state.validate_body(stored)
+    assert without_server_fields(pod_of(kube, 1)) == manifests.pod(run, attempt=1)
+    for resource, builder in OWNED.items():
+        built = getattr(manifests, builder)(run)
+        assert without_server_fields(kube.read_object(resource, NS, built["metadata"]["name"])) == built
+    assert list(pods_ever(kube)) == [pod_name("run", 1)]
+
+    status = stored["status"]
+    GRPORunStatus.model_validate(status)  # the CRD's fields and nothing else: the model forbids any other
+    assert (status["phase"], status["attempt"], status["restarts"], status["observedGeneration"]) == ("Pending", 1, 0, 1)
+    assert events_of(kube) == [("Normal", "AttemptCreated")]
+    # kopf keeps nothing of its own but its finalizer, under our prefix.
+    assert stored["metadata"]["finalizers"] == ["grpo.dev/finalizer"]
+    assert not stored["metadata"].get("annotations")
+    # The operator's own writes (kopf's are its finalizer and the events) name its field manager.
+    writes = [r for r in kube if r.headers.get("User-Agent") == USER_AGENT and r.method.name != "GET"]
+    assert {r.resource.plural for r in writes} == {"configmaps", "serviceaccounts", "roles", "rolebindings", "pods", "grporuns"}
+    assert all(r.params.get("fieldManager") == FIELD_MANAGER for r in writes)
+
+
+@pytest.mark.parametrize(("evaluation", "final"), [({"checkpoints": "none"}, "Succeeded"), ({}, "Evaluating")])
+@pytest.mark.asyncio
+async def test_pod_phases_become_run_phases_conditions_and_events(kube: KubeEmulator, evaluation, final):
+    async with operator(kube):
+        kube.create_object(GRPORUNS, manifest(evaluation=evaluation), NS)
+        await eventually(lambda: pod_of(kube, 1))
+
+        report(kube, 1, "Pending", waiting("ImagePullBackOff", "Back-off pulling image"))
+        await eventually(lambda: condition(status_of(kube), "Running").get("reason") == "ImagePullBackOff")
+        assert status_of(kube)["phase"] == "Pending"
+
+        report(kube, 1, "Running")
+        await eventually(phase_is(kube, "Running"))
+        assert condition(status_of(kube), "Running")["status"] == "True"
+        report_progress(kube, step=30)
+
+        end(kube, 1, "completed")
+        await eventually(phase_is(kube, final))
+        await eventually(lambda: len(events_of(kube)) == 3)
+
+    status = status_of(kube)
+    assert status["progress"]["step"] == 30, "the operator leaves the trainer's progress alone"
+    assert condition(status, "Running")["reason"] == "TrainingCompleted"
+    assert (condition(status, "Succeeded").get("status") == "True") == (final == "Succeeded")
+    assert ("completionTime" in status) == (final == "Succeeded")
+    assert events_of(kube) == [("Normal", "AttemptCreated"), ("Normal", "Started"), ("Normal", "TrainingCompleted")]
+    assert list(pods_ever(kube)) == [pod_name("run", 1)]
+
+
+@pytest.mark.parametrize("failure", sorted(RETRIED))
+@pytest.mark.asyncio
+async def test_a_failed_pod_is_recreated_after_a_backoff(kube: KubeEmulator, monkeypatch, failure):
+    monkeypatch.setattr(state, "BACKOFF_BASE_SECONDS", 0.3)
+    async with operator(kube):
+        kube.create_object(GRPORUNS, manifest(), NS)
+        await eventually(lambda: pod_of(kube, 1))
+        report(kube, 1, "Running")
+        await eventually(phase_is(kube, "Running"))
+
+        failed_at = asyncio.get_running_loop().time()
+        end(kube, 1, failure)
+        await eventually(lambda: status_of(kube).get("restarts") == 1)
+        status = status_of(kube)
+        assert (status["phase"], status["attempt"]) == ("Pending", 2)
+        assert (condition(status, "Created")["reason"], condition(status, "Running")["reason"]) == ("Backoff", RETRIED[failure])
+        assert pod_of(kube, 2) is None, "not before the backoff"
+
+        await eventually(lambda: pod_of(kube, 2))
+        assert asyncio.get_running_loop().time() - failed_at >= 0.3
+        await eventually(lambda: condition(status_of(kube), "Created")["reason"] == "PodCreated")
+        await eventually(lambda: ("Warning", RETRIED[failure]) in events_of(kube))
+
+    assert list(pods_ever(kube)) == [pod_name("run", 1), pod_name("run", 2)]
+    assert (pod_of(kube, 1) is None) == (failure == "deleted"), "a failed pod is kept for its logs"
+
+
+@pytest.mark.asyncio
+async def test_a_run_fails_once_its_restarts_are_used_up(kube: KubeEmulator):
+    async with operator(kube):
+        kube.create_object(GRPORUNS, manifest(maxRestarts=1), NS)
+        for attempt, failure in enumerate(["crash", "oom"], start=1):
+            await eventually(lambda: pod_of(kube, attempt))
+            end(kube, attempt, failure)
+        await eventually(phase_is(kube, "Failed"))
+        await asyncio.sleep(0.3)  # longer than the backoff: no attempt 3 starts
+
+    status = status_of(kube)
+    assert (status["restarts"], status["attempt"]) == (2, 2)
+    assert condition(status, "Failed")["reason"] == "BackoffLimitExceeded"
+    assert "spec.maxRestarts (1)" in status["message"]
+    assert list(pods_ever(kube)) == [pod_name("run", 1), pod_name("run", 2)]
+
+
+@pytest.mark.asyncio
+async def test_a_permanent_failure_fails_the_run_at_once_with_its_reason(kube: KubeEmulator):
+    said = TerminationMessage(Outcome.INVALID, reason="DatasetError", message="spec.dataset.source: no such file")
+    async with operator(kube):
+        kube.create_object(GRPORUNS, manifest(), NS)
+        await eventually(lambda: pod_of(kube, 1))
+        report(kube, 1, "Failed", terminated(EXIT_INVALID, message=said.to_json()))
+        await eventually(phase_is(kube, "Failed"))
+        await asyncio.sleep(0.2)
+
+    status = status_of(kube)
+    failed = condition(status, "Failed")
+    assert (failed["status"], failed["reason"]) == ("True", "DatasetError")
+    assert "spec.dataset.source: no such file" in failed["message"]
+    assert (status["restarts"], list(pods_ever(kube))) == (0, [pod_name("run", 1)])
+
+
+@pytest.mark.asyncio
+async def test_an_invalid_spec_fails_the_run_naming_the_field_and_starts_nothing(kube: KubeEmulator):
+    # The emulator checks no schema, so this stands for what only the operator's checks catch.
+    async with operator(kube):
+        kube.create_object(GRPORUNS, manifest(grpo={**EXAMPLE["spec"]["grpo"], "numGenerations": "four"}), NS)
+        await eventually(phase_is(kube, "Failed"))
+        await eventually(lambda: events_of(kube))
+
+    failed = condition(status_of(kube), "Failed")
+    assert failed["reason"] == "InvalidSpec" and "spec.grpo.numGenerations" in failed["message"]
+    assert events_of(kube) == [("Warning", "InvalidSpec")]
+    assert not pods_ever(kube) and kube.read_object(CONFIGMAPS, NS, "run-config") is None
+
+
+@pytest.mark.asyncio
+async def test_suspend_stops_the_pod_and_resume_starts_the_next_attempt(kube: KubeEmulator):
+    async with operator(kube):
+        kube.create_object(GRPORUNS, manifest(), NS)
+        await eventually(lambda: pod_of(kube, 1))
+        report(kube, 1, "Running")
+        await eventually(phase_is(kube, "Running"))
+
+        kube.patch_object(GRPORUNS, NS, "run", {"spec": {"suspend": True}})
+        await eventually(phase_is(kube, "Suspended"))
+        assert pod_of(kube, 1) is None
+        status = status_of(kube)
+        assert condition(status, "Suspended")["status"] == "True" and status["observedGeneration"] == 2
+
+        kube.patch_object(GRPORUNS, NS, "run", {"spec": {"suspend": False}})
+        await eventually(lambda: pod_of(kube, 2))
+        await eventually(phase_is(kube, "Pending"))
+        await eventually(lambda: ("Normal", "Resumed") in events_of(kube))
+
+    status = status_of(kube)
+    assert (status["attempt"], status["restarts"]) == (2, 0), "a suspension is no failure"
+    assert condition(status, "Suspended")["status"] == "False"
+    assert ("Normal", "Suspended") in events_of(kube)
+
+
+@pytest.mark.asyncio
+async def test_the_deadline_fails_the_run_and_stops_its_pod(kube: KubeEmulator):
+    async with operator(kube):
+        kube.create_object(GRPORUNS, manifest(activeDeadlineSeconds=1), NS)
+        await eventually(lambda: pod_of(kube, 1))
+        report(kube, 1, "Running")
+        await eventually(phase_is(kube, "Failed"), timeout=5)
+
+    assert condition(status_of(kube), "Failed")["reason"] == "DeadlineExceeded"
+    assert pod_of(kube, 1) is None
+
+
+@pytest.mark.asyncio
+async def test_deleting_a_run_deletes_everything_it_owns(kube: KubeEmulator):
+    async with operator(kube):
+        kube.create_object(GRPORUNS, manifest(), NS)
+        await eventually(lambda: pod_of(kube, 1))
+        kube.delete_object(GRPORUNS, NS, "run")
+        await eventually(lambda: run_of(kube) is None)
+
+    assert pod_of(kube, 1) is None
+    assert all(kube.read_object(resource, NS, getattr(manifests.resource_names("run"), builder)) is None
+               for resource, builder in OWNED.items())
+
+
+@pytest.mark.asyncio
+async def test_a_finished_run_is_deleted_after_its_ttl(kube: KubeEmulator):
+    async with operator(kube):
+        kube.create_object(GRPORUNS, manifest(ttlSecondsAfterFinished=1), NS)
+        await eventually(lambda: pod_of(kube, 1))
+        end(kube, 1, "completed")
+        await eventually(phase_is(kube, "Succeeded"))
+        succeeded_at = asyncio.get_running_loop().time()
+        await eventually(lambda: run_of(kube) is None, timeout=5)
+
+    assert asyncio.get_running_loop().time() - succeeded_at > 0.5
+    assert not [name for name, versions in pods_ever(kube).items() if versions[-1] is not None]
+
+
+@pytest.mark.asyncio
+async def test_api_errors_are_retried(kube: KubeEmulator):
+    kube.fail(2, 500, verb="create", resource="pods")
+    kube.fail(1, 503, verb="patch", resource="grporuns/status")
+    async with operator(kube):
+        kube.create_object(GRPORUNS, manifest(), NS)
+        await eventually(lambda: condition(status_of(kube), "Created").get("status") == "True")
+
+    assert list(pods_ever(kube)) == [pod_name("run", 1)]
+
+
+@pytest.mark.asyncio
+async def test_a_restarted_operator_adopts_the_pod_whose_status_it_never_wrote(kube: KubeEmulator):
+    kill = kube.fail(10**9, 503, verb="patch", resource="grporuns/status")
+    async with operator(kube):
+        kube.create_object(GRPORUNS, manifest(), NS)
+        await eventually(lambda: pod_of(kube, 1))
+        await eventually(lambda: kill.times < 10**9)  # the status patch after it failed
+    assert not status_of(kube)
+    kill.times = 0
+
+    async with operator(kube):
+        await eventually(lambda: condition(status_of(kube), "Created").get("status") == "True")
+    assert status_of(kube)["attempt"] == 1 and list(pods_ever(kube)) == [pod_name("run", 1)]
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_fifty_runs_at_once_each_get_one_pod(kube: KubeEmulator):
+    names = [f"run-{index}" for index in range(50)]
+    async with operator(kube):
+        for name in names:
+            kube.create_object(GRPORUNS, manifest(name), NS)
+        await eventually(lambda: all(status_of(kube, name).get("phase") == "Pending" for name in names), timeout=60)
+
+    assert {name: list(pods_ever(kube, name)) for name in names} == {name: [pod_name(name, 1)] for name in names}
+
+
+# ------------------------------------------------------------------------------ killed and restarted
+
+
+class Kill:
+    """Kill the operator once it has made ``calls`` more API calls: every call from then on fails
+    and changes nothing, so what it would have done next never reaches the cluster."""
+
+    def __init__(self, kube: KubeEmulator, calls: int):
+        self.left = calls
+        self.fault = kube.fail(10**9, 503, when=self._due)
+
+    def _due(self, _request: Any) -> bool:
+        self.left -= 1
+        return self.left < 0
+
+    @property
+    def done(self) -> bool:
+        return self.left < 0
+
+    def disarm(self) -> None:
+        self.fault.times = 0
+
+
+def lifetime(versions: list[Any]) -> tuple[int, float]:
+    """The resourceVersions at which a pod was created and at which it finished or went."""
+    version = [None if v is None else int(v["metadata"]["resourceVersion"]) for v in versions]
+    finished = [version[i] for i, v in enumerate(versions) if v is not None and v["status"]["phase"] in ("Succeeded", "Failed")]
+    deleted = [version[i - 1] for i, v in enumerate(versions) if v is None]
+    return version[0], min(finished + deleted, default=math.inf)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(50))
+@pytest.mark.asyncio
+async def test_an_operator_killed_anywhere_never_runs_two_pods_nor_loses_status(kube: KubeEmulator, seed: int):
+    """A seeded schedule: a run lives through up to three attempts, and in each step of it the
+    operator is killed at a random API call to come (restarted if that came before it was done).
+    The run must end as it would have without the kills."""
+    rng = random.Random(seed)
+    endings = [rng.choice(["crash", "oom", "evicted", "deleted", "preempted"]) for _ in range(rng.randint(0, 2))]
+    endings.append("completed")
+
+    running = contextlib.AsyncExitStack()  # the operator now running, to stop and start anew
+
+    async def step(act: Callable[[], object], done: Callable[[], bool]) -> None:
+        """Act as the world does, with a kill armed at a random API call to come; if it comes
+        before the operator is done, restart the operator, which must finish the job."""
+        nonlocal running
+        kill = Kill(kube, rng.randint(0, 12))
+        act()
+        await eventually(lambda: done() or kill.done)
+        if kill.done:
+            await running.aclose()
+            kill.disarm()
+            running = contextlib.AsyncExitStack()
+            await running.enter_async_context(operator(kube))
+            await eventually(done)
+        kill.disarm()
+
+    def started(attempt: int) -> Callable[[], bool]:
+        def check() -> bool:
+            status = status_of(kube)
+            created = condition(status, "Created").get("reason") == "PodCreated"
+            return created and status.get("attempt") == attempt and pod_of(kube, attempt) is not None
+
+        return check
+
+    def live_through(attempt: int, ending: str) -> None:
+        report(kube, attempt, "Running")
+        report_progress(kube, step=10 * attempt)
+        end(kube, attempt, ending)
+
+    await running.enter_async_context(operator(kube))
+    try:
+        await step(lambda: kube.create_object(GRPORUNS, manifest(), NS), started(1))
+        for attempt, ending in enumerate(endings, start=1):
+            finished = phase_is(kube, "Succeeded") if ending == "completed" else started(attempt + 1)
+            await step(lambda: live_through(attempt, ending), finished)
+    finally:
+        await running.aclose()
+
+    pods = pods_ever(kube)
+    assert list(pods) == [pod_name("run", attempt) for attempt in range(1, len(endings) + 1)]
+    assert not any(a is None and b is not None for versions in pods.values() for a, b in itertools.pairwise(versions)), \
+        "no pod was created twice"
+    spans = sorted(lifetime(versions) for versions in pods.values())
+    assert all(later[0] > earlier[1] for earlier, later in itertools.pairwise(spans)), f"two pods at once: {spans}"
+    status = status_of(kube)
+    failures = sum(ending in RETRIED for ending in endings)
+    assert (status["phase"], status["attempt"], status["restarts"]) == ("Succeeded", len(endings), failures)
+    assert status["progress"]["step"] == 10 * len(endings), "the trainer's report survives"
+
+
+# ------------------------------------------------------------------------------ the command line
+
+
+def test_operator_command_takes_a_namespace_or_all_of_them():
+    assert grpo_parser().parse_args(["operator", "-n", "a", "-n", "b"]).namespace == ["a", "b"]
+    assert grpo_parser().parse_args(["operator", "--all-namespaces", "-v"]).all_namespaces
+    for wrong in (["operator"], ["operator", "-n", "a", "-A"]):
+        with pytest.raises(SystemExit):
+            grpo_parser().parse_args(wrong)
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_grpo_operator_runs_the_operator_with_the_kubeconfig(kube: KubeEmulator, tmp_path: Path):
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
+        "clusters": [{"name": "emulator", "cluster": {"server": str(kube.url).rstrip("/")}}],
+        "users": [{"name": "tester", "user": {"token": "any"}}],
+        "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "tester"}}],
+    }))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "grpo_trainer.cli", "operator", "--namespace", NS,
+        env={**os.environ, "KUBECONFIG": str(kubeconfig)},
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        kube.create_object(GRPORUNS, manifest(), NS)
+        await eventually(lambda: pod_of(kube, 1) or process.returncode is not None, timeout=30)
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGINT)
+        _, stderr = await process.communicate()
+    assert pod_of(kube, 1), stderr.decode()[-3000:]
