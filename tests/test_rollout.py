@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from grpo_trainer.rollout import TransformersSampler
+from grpo_trainer.rollout import TransformersSampler, sample_token
 
 EOS, PAD = 2, 0
 
@@ -59,3 +59,22 @@ def test_sampler_logprobs_equal_the_trainers_recomputation(model, temperature, p
             logits = model(ids).logits[0, len(prompt) - 1 : -1].float() / temperature
         recomputed = torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
         torch.testing.assert_close(recomputed, torch.tensor(reported), atol=1e-4, rtol=1e-4)
+
+
+def test_sample_token_draws_each_token_with_its_probability():
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0])
+    draws = 40_000
+    generator = torch.Generator().manual_seed(0)
+    tokens = sample_token(probs.log().expand(draws, -1), 1.0, generator)
+    frequencies = torch.bincount(tokens, minlength=len(probs)).float() / draws
+    torch.testing.assert_close(frequencies, probs, atol=0.01, rtol=0)
+    assert frequencies[-1] == 0  # a token of probability 0 is never drawn
+
+
+def test_sample_token_keeps_to_the_top_p_nucleus():
+    """The fewest most likely tokens whose probability reaches top_p: 0.5 + 0.25 ≥ 0.7 keeps two."""
+    probs = torch.tensor([0.1, 0.25, 0.15, 0.5])
+    generator = torch.Generator().manual_seed(0)
+    tokens = sample_token(probs.log().expand(10_000, -1), 0.7, generator)
+    assert set(tokens.tolist()) == {1, 3}
+    assert sample_token(probs.log()[None], 0.3, generator).item() == 3  # the most likely alone
