@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import logging
-import operator
 import os
 import re
 import subprocess
@@ -17,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from grpo_trainer.data import (
+    ANSWER_EXAMPLE,
     ARITHMETIC_SIZE,
     DatasetError,
     Problem,
@@ -250,21 +249,15 @@ def test_s3_file_and_saved_dataset_prefix(tmp_path, s3):
 # --------------------------------------------------------------------------- built-in task
 
 
+EXPRESSION = re.compile(r"(\d+) ([-+]) (\d+)")
+
+
 def evaluate(expression: str) -> int:
-    """An integer expression of + - * // and parentheses, every division exact."""
-    operations = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
-
-    def value(node: ast.AST) -> int:
-        if isinstance(node, ast.Constant) and type(node.value) is int:
-            return node.value
-        assert isinstance(node, ast.BinOp), ast.dump(node)
-        left, right = value(node.left), value(node.right)
-        if isinstance(node.op, ast.FloorDiv):
-            assert left % right == 0, expression
-            return left // right
-        return operations[type(node.op)](left, right)
-
-    return value(ast.parse(expression, mode="eval").body)
+    """A sum or difference of two integers, as the built-in task writes them."""
+    match = EXPRESSION.fullmatch(expression)
+    assert match, expression
+    left, sign, right = match.groups()
+    return int(left) + int(right) if sign == "+" else int(left) - int(right)
 
 
 def test_arithmetic_is_a_fixed_dataset():
@@ -274,32 +267,39 @@ def test_arithmetic_is_a_fixed_dataset():
     assert arithmetic_rows(10, seed=1) != arithmetic_rows(10)
     assert rows[0] == {
         "id": "arithmetic-00000",
-        "problem": "Ben has 45 cookies and loses 5 of them. Ben shares the rest equally among 5 friends. "
-        "How many cookies does each friend get?",
-        "answer": "8",
-        "level": 3,
-        "expression": "(45 - 5) // 5",
+        "problem": ANSWER_EXAMPLE + "What is 9 - 2?",
+        "answer": "7",
+        "level": 2,
+        "expression": "9 - 2",
     }
     # Runs and resumed runs must see the same task: a change to it has to update this on purpose.
     digest = hashlib.sha256(json.dumps(rows).encode()).hexdigest()
-    assert digest == "7bc3d3604011fca6f380d029106796b971b952bfc79445f65344315bbd19d0ce"
+    assert digest == "26ebeabaf3dae29eea2831dbeff3647b46128cf5899d474674f8dd69e1324f64"
 
 
 def test_arithmetic_answers_are_exact_and_levels_graded():
     rows = arithmetic_rows()
-    largest_operand = {1: 20, 2: 99, 3: 60}
+    largest_operand = {1: 9, 2: 20, 3: 20}
     for row in rows:
-        operands = re.findall(r"\d+", row["expression"])
-        # The expression is the text's own numbers, in the text's order.
-        assert re.findall(r"\d+", row["problem"]) == operands, row
+        assert row["problem"].startswith(ANSWER_EXAMPLE), row
+        question = row["problem"].removeprefix(ANSWER_EXAMPLE)
+        # The expression is the question's own numbers, in the question's order.
+        assert re.findall(r"\d+", question) == re.findall(r"\d+", row["expression"]), row
         assert row["answer"] == str(evaluate(row["expression"])), row
         assert int(row["answer"]) >= 0
-        assert len(re.findall(r" [-+*] | // ", row["expression"])) == (2 if row["level"] == 3 else 1), row
-        assert max(map(int, operands)) <= largest_operand[row["level"]], row
+        assert max(map(int, re.findall(r"\d+", row["expression"]))) <= largest_operand[row["level"]], row
+        # Levels 1 and 2 ask the bare computation; level 3 tells it as a story.
+        assert (question == f"What is {row['expression']}?") == (row["level"] < 3), row
     shares = Counter(row["level"] for row in rows)
-    assert abs(shares[1] / len(rows) - 0.45) < 0.03 and abs(shares[3] / len(rows) - 0.20) < 0.03
-    operators = Counter(op for row in rows for op in re.findall(r" ([-+*]|//) ", row["expression"]))
-    assert set(operators) == {"+", "-", "*", "//"}
+    for level, share in {1: 0.60, 2: 0.25, 3: 0.15}.items():
+        assert abs(shares[level] / len(rows) - share) < 0.02, shares
+    assert {EXPRESSION.fullmatch(row["expression"]).group(2) for row in rows} == {"+", "-"}
+
+
+def test_the_answer_example_shows_a_right_answer_the_grader_reads():
+    question, answer = ANSWER_EXAMPLE.split("\nAnswer: ")
+    expression = re.fullmatch(r"Example: What is (.+)\?", question).group(1)
+    assert last_boxed(answer) == str(evaluate(expression))
 
 
 def test_shuffle_and_max_samples():

@@ -296,98 +296,75 @@ ARITHMETIC_SIZE = 10_000
 ARITHMETIC_SEED = 0
 """The task is one fixed dataset, like a file: the spec's seed shuffles it, never changes it."""
 
+ANSWER_EXAMPLE = "Example: What is 2 + 3?\nAnswer: 2 + 3 = 5. The answer is \\boxed{5}.\n\nNow answer: "
+r"""Put before every question. SmolLM2-135M-Instruct follows a worked example in the user's turn
+where it ignores one in the system prompt: with it a quarter to a half of its answers carry a
+``\boxed{}`` the grader can read, without it under a tenth."""
+
 _NAMES = ("Tom", "Mia", "Sam", "Ava", "Leo", "Zoe", "Ben", "Lily", "Max", "Emma", "Noah", "Ella")
 _ITEMS = ("apples", "marbles", "stickers", "pencils", "cookies", "books", "shells", "coins", "cards", "balloons")
 
 
 def arithmetic_rows(count: int = ARITHMETIC_SIZE, seed: int = ARITHMETIC_SEED) -> list[dict[str, Any]]:
-    """Word problems with exact non-negative integer answers, in three levels a 135M model can
-    learn: one addition or subtraction within 20 (level 1, 45%); one operation of the four with
-    numbers up to 99 (level 2, 35%); two operations with small numbers (level 3, 20%).
+    """Additions and subtractions with exact non-negative answers, in three levels sized to what a
+    135M model gets right at all: a bare sum or difference of one-digit numbers (level 1, 60%),
+    of numbers up to 20 (level 2, 25%), and a one-step word problem with numbers up to 20
+    (level 3, 15%). Each question follows :data:`ANSWER_EXAMPLE`.
 
     Each row has ``id``, ``problem``, ``answer``, ``level`` and ``expression``: the computation
-    in Python syntax over the numbers as the text states them, in order.
+    in Python syntax over the question's numbers as it states them, in order.
     """
     rng = random.Random(seed)
     rows = []
     for index in range(count):
-        level = rng.choices((1, 2, 3), weights=(45, 35, 20))[0]
-        name, friend = rng.sample(_NAMES, 2)
-        item = rng.choice(_ITEMS)
-        problem, expression, answer = rng.choice(_TEMPLATES[level])(rng, name, friend, item)
+        level = rng.choices((1, 2, 3), weights=(60, 25, 15))[0]
+        question, expression, answer = rng.choice(_TEMPLATES[level])(rng)
         rows.append(
-            {"id": f"arithmetic-{index:05d}", "problem": problem, "answer": str(answer), "level": level, "expression": expression}
+            {
+                "id": f"arithmetic-{index:05d}",
+                "problem": ANSWER_EXAMPLE + question,
+                "answer": str(answer),
+                "level": level,
+                "expression": expression,
+            }
         )
     return rows
 
 
-def _add(rng: random.Random, name: str, friend: str, item: str, top: int = 20) -> tuple[str, str, int]:
-    a, b = rng.randint(2, top), rng.randint(2, top)
-    return f"{name} has {a} {item}. {name} buys {b} more {item}. How many {item} does {name} have now?", f"{a} + {b}", a + b
+def _operands(rng: random.Random, top: int, subtract: bool) -> tuple[int, int]:
+    """Two numbers from 1 to ``top``; for a subtraction the larger first, so the answer is >= 0."""
+    a, b = rng.randint(1, top), rng.randint(1, top)
+    return (max(a, b), min(a, b)) if subtract else (a, b)
 
 
-def _subtract(rng: random.Random, name: str, friend: str, item: str, top: int = 20) -> tuple[str, str, int]:
-    a = rng.randint(3, top)
-    b = rng.randint(1, a - 1)
-    return f"{name} has {a} {item} and gives {b} of them to {friend}. How many {item} does {name} have left?", f"{a} - {b}", a - b
+def _bare(top: int, subtract: bool) -> _Template:
+    def template(rng: random.Random) -> tuple[str, str, int]:
+        a, b = _operands(rng, top, subtract)
+        expression = f"{a} - {b}" if subtract else f"{a} + {b}"
+        return f"What is {expression}?", expression, a - b if subtract else a + b
+
+    return template
 
 
-def _collect(rng: random.Random, name: str, friend: str, item: str) -> tuple[str, str, int]:
-    a, b = rng.randint(10, 99), rng.randint(10, 99)
-    text = f"{name} collected {a} {item} on Monday and {b} {item} on Tuesday. How many {item} did {name} collect in total?"
-    return text, f"{a} + {b}", a + b
+def _buy(rng: random.Random) -> tuple[str, str, int]:
+    a, b = _operands(rng, 20, subtract=False)
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    return f"{name} has {a} {item} and buys {b} more. How many {item} does {name} have now?", f"{a} + {b}", a + b
 
 
-def _spend(rng: random.Random, name: str, friend: str, item: str) -> tuple[str, str, int]:
-    a = rng.randint(20, 99)
-    b = rng.randint(10, a - 1)
-    text = f"There are {a} {item} in a box. {name} takes {b} of them out. How many {item} are left in the box?"
+def _give(rng: random.Random) -> tuple[str, str, int]:
+    a, b = _operands(rng, 20, subtract=True)
+    name, friend = rng.sample(_NAMES, 2)
+    item = rng.choice(_ITEMS)
+    text = f"{name} has {a} {item} and gives {b} of them to {friend}. How many {item} does {name} have left?"
     return text, f"{a} - {b}", a - b
 
 
-def _multiply(rng: random.Random, name: str, friend: str, item: str) -> tuple[str, str, int]:
-    a, b = rng.randint(2, 9), rng.randint(2, 12)
-    return f"{name} has {a} bags with {b} {item} in each bag. How many {item} does {name} have?", f"{a} * {b}", a * b
-
-
-def _divide(rng: random.Random, name: str, friend: str, item: str) -> tuple[str, str, int]:
-    b, each = rng.randint(2, 9), rng.randint(2, 11)
-    a = b * each
-    text = f"{name} shares {a} {item} equally among {b} friends. How many {item} does each friend get?"
-    return text, f"{a} // {b}", each
-
-
-def _add_then_give(rng: random.Random, name: str, friend: str, item: str) -> tuple[str, str, int]:
-    a, b = rng.randint(2, 20), rng.randint(2, 20)
-    c = rng.randint(1, a + b - 1)
-    text = (
-        f"{name} has {a} {item}, buys {b} more, and then gives {c} to {friend}. "
-        f"How many {item} does {name} have now?"
-    )
-    return text, f"{a} + {b} - {c}", a + b - c
-
-
-def _packs_plus(rng: random.Random, name: str, friend: str, item: str) -> tuple[str, str, int]:
-    a, b, c = rng.randint(2, 6), rng.randint(2, 10), rng.randint(1, 20)
-    text = f"{name} buys {a} packs of {b} {item} and already had {c} {item}. How many {item} does {name} have now?"
-    return text, f"{a} * {b} + {c}", a * b + c
-
-
-def _lose_then_share(rng: random.Random, name: str, friend: str, item: str) -> tuple[str, str, int]:
-    c, each, b = rng.randint(2, 5), rng.randint(2, 10), rng.randint(1, 9)
-    a = c * each + b
-    text = (
-        f"{name} has {a} {item} and loses {b} of them. {name} shares the rest equally among {c} friends. "
-        f"How many {item} does each friend get?"
-    )
-    return text, f"({a} - {b}) // {c}", each
-
-
-_Template = Callable[[random.Random, str, str, str], tuple[str, str, int]]
+_Template = Callable[[random.Random], tuple[str, str, int]]
 _TEMPLATES: dict[int, tuple[_Template, ...]] = {
-    1: (_add, _subtract),
-    2: (_collect, _spend, _multiply, _divide),
-    3: (_add_then_give, _packs_plus, _lose_then_share),
+    1: (_bare(9, subtract=False), _bare(9, subtract=True)),
+    2: (_bare(20, subtract=False), _bare(20, subtract=True)),
+    3: (_buy, _give),
 }
 
 BUILTIN_TASKS: dict[str, Callable[[], list[dict[str, Any]]]] = {"arithmetic": arithmetic_rows}
