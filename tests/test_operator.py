@@ -92,8 +92,8 @@ def condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
     return next((c for c in status.get("conditions", []) if c["type"] == kind), {})
 
 
-def pod_of(kube: KubeEmulator, attempt: int, name: str = "run") -> dict[str, Any] | None:
-    return kube.read_object(PODS, NS, pod_name(name, attempt))
+def pod_of(kube: KubeEmulator, attempt: int) -> dict[str, Any] | None:
+    return kube.read_object(PODS, NS, pod_name("run", attempt))
 
 
 def pods_ever(kube: KubeEmulator, name: str = "run") -> dict[str, list[Any]]:
@@ -105,19 +105,16 @@ def pods_ever(kube: KubeEmulator, name: str = "run") -> dict[str, list[Any]]:
     }
 
 
-def events_of(kube: KubeEmulator, name: str = "run") -> list[tuple[str, str]]:
-    return [
-        (event["type"], event["reason"])
-        for (resource, _, _), obj in kube.objects.items()
-        if resource == EVENTS and not obj.deleted and (event := obj.raw)["involvedObject"]["name"] == name
-    ]
+def events_of(kube: KubeEmulator) -> list[tuple[str, str]]:
+    events = [obj.raw for (resource, _, _), obj in kube.objects.items() if resource == EVENTS and not obj.deleted]
+    return [(event["type"], event["reason"]) for event in events]
 
 
-def phase_is(kube: KubeEmulator, phase: str, name: str = "run") -> Callable[[], bool]:
+def phase_is(kube: KubeEmulator, phase: str) -> Callable[[], bool]:
     def check() -> bool:
-        return status_of(kube, name).get("phase") == phase
+        return status_of(kube).get("phase") == phase
 
-    check.__name__ = f"{name} is {phase}"
+    check.__name__ = f"the run is {phase}"
     return check
 
 
@@ -132,25 +129,25 @@ COMPLETED = TerminationMessage(Outcome.COMPLETED, step=60).to_json()
 PREEMPTED = TerminationMessage(Outcome.PREEMPTED, step=30, checkpoint_uri="file:///runs/run/step-30").to_json()
 
 
-def report(kube: KubeEmulator, attempt: int, phase: str, trainer: dict[str, Any] | None = None, name: str = "run", **status: Any) -> None:
-    kube.set_pod_status(NS, pod_name(name, attempt), phase, containers={"trainer": trainer} if trainer else None, **status)
+def report(kube: KubeEmulator, attempt: int, phase: str, trainer: dict[str, Any] | None = None, **status: Any) -> None:
+    kube.set_pod_status(NS, pod_name("run", attempt), phase, containers={"trainer": trainer} if trainer else None, **status)
 
 
-def end(kube: KubeEmulator, attempt: int, how: str, name: str = "run") -> None:
+def end(kube: KubeEmulator, attempt: int, how: str) -> None:
     """The trainer of the attempt ends: a failure the operator retries, a preemption, or the end of training."""
     match how:
         case "crash":
-            report(kube, attempt, "Failed", terminated(1, message="Traceback ...\nRuntimeError: CUDA error"), name)
+            report(kube, attempt, "Failed", terminated(1, message="Traceback ...\nRuntimeError: CUDA error"))
         case "oom":
-            report(kube, attempt, "Failed", terminated(137, "OOMKilled"), name)
+            report(kube, attempt, "Failed", terminated(137, "OOMKilled"))
         case "evicted":
-            report(kube, attempt, "Failed", name=name, reason="Evicted", message="The node was low on resource: memory.")
+            report(kube, attempt, "Failed", reason="Evicted", message="The node was low on resource: memory.")
         case "deleted":  # the node went away and the pod with it
-            kube.delete_object(PODS, NS, pod_name(name, attempt))
+            kube.delete_object(PODS, NS, pod_name("run", attempt))
         case "preempted":
-            report(kube, attempt, "Succeeded", terminated(0, message=PREEMPTED), name)
+            report(kube, attempt, "Succeeded", terminated(0, message=PREEMPTED))
         case "completed":
-            report(kube, attempt, "Succeeded", terminated(0, message=COMPLETED), name)
+            report(kube, attempt, "Succeeded", terminated(0, message=COMPLETED))
         case _:
             raise ValueError(how)
 
@@ -159,9 +156,9 @@ RETRIED = {"crash": "Error", "oom": "OOMKilled", "evicted": "Evicted", "deleted"
 """How each failure the operator retries is reported: the reason of the Running condition and the event."""
 
 
-def report_progress(kube: KubeEmulator, step: int, name: str = "run") -> None:
-    """What the trainer writes into its run's status (under its own field manager)."""
-    kube.patch_object(GRPORUNS, NS, name, {"status": {"progress": {"step": step, "totalSteps": 60, "reward": 0.5}}}, "status")
+def report_progress(kube: KubeEmulator, step: int) -> None:
+    """What the trainer writes into its run's status."""
+    kube.patch_object(GRPORUNS, NS, "run", {"status": {"progress": {"step": step, "totalSteps": 60, "reward": 0.5}}}, "status")
 
 
 # ------------------------------------------------------------------------------ scenarios

@@ -182,8 +182,8 @@ def reconcile(cluster: Cluster, namespace: str, name: str, validation: Validatio
 
     if decision.create_pod is not None and isinstance(run, GRPORun):
         # What the pod mounts and runs as first: the pod names its ConfigMap and ServiceAccount.
-        for owned in (manifests.config_map(run), manifests.service_account(run), manifests.role(run), manifests.role_binding(run)):
-            cluster.apply(owned)
+        for build in (manifests.config_map, manifests.service_account, manifests.role, manifests.role_binding):
+            cluster.apply(build(run))
         cluster.create(manifests.pod(run, attempt=decision.create_pod))  # exists already: adopted next pass
     if decision.delete_pod is not None:
         cluster.delete_pod(namespace, decision.delete_pod)
