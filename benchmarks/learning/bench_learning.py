@@ -93,7 +93,7 @@ def summary(records: list[dict], window: int, rise: float) -> dict:
     ``rise`` above the first (None if never)."""
     accuracy = [record["accuracy"] for record in records]
     if len(accuracy) < 2 * window:
-        raise ValueError(f"{len(accuracy)} steps: too few for two windows of {window}")
+        sys.exit(f"{len(accuracy)} steps: too few for two windows of {window} (see --window)")
     first = sum(accuracy[:window]) / window
     last = sum(accuracy[-window:]) / window
     reached = next(
@@ -108,6 +108,7 @@ def summary(records: list[dict], window: int, rise: float) -> dict:
 
 
 def print_report(records: list[dict], window: int, rise: float) -> None:
+    result = summary(records, window, rise)
     print(f"{'step':>4} {'min':>6} {'acc':>6} {'zero-std':>8} {'clipped':>7} {'len':>5} {'step s':>6}")
     for record in records:
         print(
@@ -115,7 +116,6 @@ def print_report(records: list[dict], window: int, rise: float) -> None:
             f"{record['frac_reward_zero_std']:>8.2f} {record['completions/clipped_ratio']:>7.2f} "
             f"{record['completions/mean_length']:>5.1f} {record['time/step']:>6.1f}"
         )
-    result = summary(records, window, rise)
     reached = "never" if result["minute_reached"] is None else f"at minute {result['minute_reached']:.1f}"
     print(
         f"\naccuracy: first {window} steps {result['first']:.3f}, last {window} steps {result['last']:.3f} "
