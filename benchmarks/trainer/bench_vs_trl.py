@@ -309,6 +309,7 @@ def run_ours(settings: Settings, model_dir: Path, fixed: list | None, profile: b
         our_train.train(run, Path(scratch), open_storage(run.spec.checkpoints.storage), show_progress=False)
         load_after = os.getloadavg()[0]
         records = [json.loads(line) for line in (Path(scratch) / "metrics.jsonl").read_text().splitlines()]
+    completions_per_step = settings.prompts_per_step * settings.num_generations
     steps = [
         StepTimes(
             total=record["time/step"],
@@ -316,7 +317,7 @@ def run_ours(settings: Settings, model_dir: Path, fixed: list | None, profile: b
             generate=record["time/generate"],
             score=record["time/score"],
             train=record["time/train"],
-            completion_tokens=round(record["completions/mean_length"] * settings.prompts_per_step * settings.num_generations),
+            completion_tokens=round(record["completions/mean_length"] * completions_per_step),
         )
         for record, (_, cpu) in zip(records, clock.spans, strict=True)
     ]
@@ -454,7 +455,7 @@ def in_fresh_process(function, *args) -> SideResult:
 def check_same_work(ours: SideResult, trl: SideResult, settings: Settings) -> None:
     for step, (our_prompts, trl_prompts) in enumerate(zip(ours.prompts, trl.prompts, strict=True), start=1):
         if our_prompts != trl_prompts:
-            raise SystemExit(f"step {step}: the trainers were given different prompts, so the comparison would be unfair")
+            raise SystemExit(f"step {step}: the trainers were given different prompts, so the comparison is off")
     for result in (ours, trl):
         tokens = {step.completion_tokens for step in result.steps}
         if tokens != {settings.completion_tokens_per_step}:
@@ -481,8 +482,8 @@ def report(settings: Settings, results: dict[str, SideResult], parameters: int, 
         f"{settings.completion_length} tokens = {settings.completion_tokens_per_step} completion tokens, every "
         f"completion full length; micro-batch {settings.batch_size} × {settings.gradient_accumulation_steps} "
         f"accumulation; beta {settings.beta}, loss {settings.loss_type}, lr {settings.learning_rate}, temperature "
-        f"{settings.temperature}, top-p 1, gradient checkpointing {'on' if settings.gradient_checkpointing else 'off'}, "
-        f"seed {settings.seed}",
+        f"{settings.temperature}, top-p 1, gradient checkpointing "
+        f"{'on' if settings.gradient_checkpointing else 'off'}, seed {settings.seed}",
         "- reward: our `format` reward on both sides; prompts: builtin://arithmetic, the same token ids in the "
         "same order on both sides (checked)",
         f"- {settings.steps} steps per run; means over steps 2..{settings.steps} (step 1 is a warm-up)",
@@ -512,10 +513,11 @@ def report(settings: Settings, results: dict[str, SideResult], parameters: int, 
         "backward, optimizer step. TRL: generate = `_generate_single_turn`, score = `_calculate_rewards`, "
         "train = the rest of the step.",
     ]
-    for name, result in results.items():
+    for result in results.values():
         if result.profile:
-            lines += ["", f"cProfile of {'our trainer' if result.trainer == 'ours' else 'TRL'}, whole steps 2..{settings.steps}, by own time:", "",
-                      "```", result.profile.strip(), "```"]
+            trainer = "our trainer" if result.trainer == "ours" else "TRL"
+            heading = f"cProfile of {trainer}, whole steps 2..{settings.steps}, by own time:"
+            lines += ["", heading, "", "```", result.profile.strip(), "```"]
     return "\n".join(lines)
 
 

@@ -71,12 +71,12 @@ class TransformersSampler:
         generator = torch.Generator(device).manual_seed(seed)
         for start in range(0, len(prompts), self.prompts_per_batch):
             batch = [list(prompt) for prompt in prompts[start : start + self.prompts_per_batch]]
-            tokens, logprobs = self._sample_batch(batch, num_generations, max_new_tokens, temperature, top_p, generator)
+            tokens, logprobs = self._sample(batch, num_generations, max_new_tokens, temperature, top_p, generator)
             self._collect(batch, num_generations, tokens, logprobs, rollouts)
         self.model.train(was_training)
         return rollouts
 
-    def _sample_batch(self, prompts, num_generations, max_new_tokens, temperature, top_p, generator):
+    def _sample(self, prompts, num_generations, max_new_tokens, temperature, top_p, generator):
         """``num_generations`` completions of each prompt as [rows, T] token ids and log-probs,
         rows grouped by prompt; after a row's EOS come pad tokens."""
         device = generator.device
