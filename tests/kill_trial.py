@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file
 
 
@@ -55,12 +56,16 @@ def run_to_end(manifest: Path, run_dir: Path, env: dict[str, str], timeout: floa
 
 
 def run_with_kills(
-    manifest: Path, run_dir: Path, env: dict[str, str], *, kills: int, steps_per_attempt: int, step_seconds: float, seed: int
+    manifest: Path, run_dir: Path, env: dict[str, str], *, kills: int, steps_per_attempt: int, startup_seconds: float, seed: int
 ) -> Trial:
     """Start the run and SIGKILL it, ``kills`` times, then let it finish. Each kill waits until the
-    attempt has trained a random number of steps in [0, steps_per_attempt], then a random part of a
-    step (``step_seconds``), so kills land in start-up, rollouts, training and checkpoint writes."""
+    attempt has trained a random number of steps in [0, steps_per_attempt] (fewer when the run has
+    fewer left, so every kill lands before the end), then a random part of the next step, timed by the
+    last step's own ``time/step`` (or of ``startup_seconds`` before the first step). Kills thus land in
+    start-up, rollouts, training and checkpoint writes, whatever the speed of the machine."""
     rng = random.Random(seed)
+    max_steps = yaml.safe_load(manifest.read_text())["spec"]["grpo"]["maxSteps"]
+    run = run_dir / yaml.safe_load(manifest.read_text())["metadata"]["name"]
     trial = Trial()
     while True:
         trial.attempts += 1
@@ -69,10 +74,11 @@ def run_with_kills(
         with open(log, "w") as stderr:
             child = subprocess.Popen(train_command(manifest, run_dir), env=env, stdout=subprocess.DEVNULL, stderr=stderr)
         if trial.kills < kills:
-            target, delay = rng.randint(0, steps_per_attempt), rng.uniform(0, step_seconds)
+            target = min(rng.randint(0, steps_per_attempt), max_steps - 1 - _newest_checkpoint(run))
+            fraction = rng.random()
             while child.poll() is None and len(_steps_logged(log)) < target:
                 time.sleep(0.02)
-            time.sleep(delay)
+            time.sleep(fraction * (_last_step_seconds(run) if target else startup_seconds))
             if child.poll() is None:
                 child.send_signal(signal.SIGKILL)
         child.wait(timeout=600)
@@ -86,6 +92,15 @@ def run_with_kills(
         if child.returncode != 0:
             raise AssertionError(f"attempt {trial.attempts} failed ({child.returncode}):\n{log.read_text()[-3000:]}")
         return trial  # finished (if before all kills landed, the trial counts fewer kills)
+
+
+def _newest_checkpoint(run: Path) -> int:
+    """The step the next attempt resumes from: the newest complete (manifest-bearing) checkpoint."""
+    return max((int(m.parent.name.removeprefix("step-")) for m in run.glob("checkpoints/step-*/manifest.json")), default=0)
+
+
+def _last_step_seconds(run: Path) -> float:
+    return json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["time/step"]
 
 
 def _steps_logged(log: Path) -> list[int]:

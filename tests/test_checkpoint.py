@@ -222,7 +222,7 @@ def uninterrupted(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
 @pytest.mark.slow
 def test_a_run_killed_at_random_moments_ends_bitwise_equal_to_an_uninterrupted_one(uninterrupted, tmp_path):
     manifest, reference = uninterrupted
-    trial = run_with_kills(manifest, tmp_path / "killed", child_env(), kills=3, steps_per_attempt=3, step_seconds=1.0,
+    trial = run_with_kills(manifest, tmp_path / "killed", child_env(), kills=3, steps_per_attempt=3, startup_seconds=2.0,
                            seed=11)
     assert trial.kills == 3 and trial.attempts == 4
     assert max(trial.resumed_at) > 0, trial  # at least one attempt really resumed from a checkpoint

@@ -67,7 +67,7 @@ def trial(args: argparse.Namespace) -> None:
     print(f"# kill/resume trial, {args.kills} kills ({load()})")
     reference_seconds = run_to_end(path, work / "reference", env)
     began = time.monotonic()
-    result = run_with_kills(path, work / "killed", env, kills=args.kills, steps_per_attempt=3, step_seconds=1.5,
+    result = run_with_kills(path, work / "killed", env, kills=args.kills, steps_per_attempt=3, startup_seconds=2.0,
                             seed=args.seed)
     problems = differences(work / "reference" / "bench", work / "killed" / "bench")
     print(f"uninterrupted run: {reference_seconds:.0f} s; killed run: {time.monotonic() - began:.0f} s "

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from grpo_trainer.storage import IntegrityError, Storage, StorageError
+from grpo_trainer.storage import IntegrityError, Storage, StorageError, open_storage
 
 logger = logging.getLogger(__name__)
 
@@ -249,3 +249,15 @@ def find_checkpoint(store: CheckpointStore, step: int) -> Manifest:
         if manifest.step == step:
             return manifest
     raise CheckpointError(f"{store.storage.uri_for(checkpoint_prefix(step))}: no complete checkpoint there (no valid manifest)")
+
+
+def download_checkpoint(uri: str, local_dir: Path, *, endpoint_url: str | None, only: str = "") -> Path | None:
+    """Download the complete checkpoint at ``uri`` (``…/checkpoints/step-N``, or only its folder
+    ``only``) into ``local_dir``, every file verified against its manifest; None when ``uri`` does
+    not name a checkpoint."""
+    checkpoint = split_checkpoint_uri(uri)
+    if checkpoint is None:
+        return None
+    root, step = checkpoint
+    store = CheckpointStore(open_storage(root, endpoint_url=endpoint_url))
+    return store.download(find_checkpoint(store, step), local_dir, only)

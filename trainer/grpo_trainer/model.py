@@ -134,17 +134,13 @@ def _local_location(path: Path, source: str) -> ModelLocation:
 def _download_checkpoint(source: str, cache_dir: Path | None, endpoint_url: str | None) -> Path:
     """Download an s3:// model: a trainer checkpoint (…/checkpoints/step-N) fetches only its model/
     folder, each file verified against the checkpoint's manifest; any other prefix is taken whole."""
-    from grpo_trainer.checkpoint import MODEL_DIR, CheckpointStore, find_checkpoint, split_checkpoint_uri
+    from grpo_trainer.checkpoint import MODEL_DIR, download_checkpoint
     from grpo_trainer.storage import open_storage
 
     target = (cache_dir or CACHE_DIR).expanduser() / "models" / source.removeprefix("s3://")
     # A fresh copy: files left from an older checkpoint under the same prefix would be loaded too.
     shutil.rmtree(target, ignore_errors=True)
-    checkpoint = split_checkpoint_uri(source)
-    if checkpoint is not None:
-        root, step = checkpoint
-        store = CheckpointStore(open_storage(root, endpoint_url=endpoint_url))
-        store.download(find_checkpoint(store, step), target, only=MODEL_DIR)
+    if download_checkpoint(source, target, endpoint_url=endpoint_url, only=MODEL_DIR) is not None:
         target = target / MODEL_DIR
     elif not open_storage(source, endpoint_url=endpoint_url).download_dir("", target):
         raise ModelError(f"{source}: no objects under this prefix")

@@ -24,9 +24,8 @@ from grpo_trainer.checkpoint import (
     CheckpointWriteError,
     TrainerState,
     checkpoint_prefix,
-    find_checkpoint,
+    download_checkpoint,
     restore,
-    split_checkpoint_uri,
     stage,
 )
 from grpo_trainer.data import build_prompts, load_problems
@@ -39,7 +38,7 @@ from grpo_trainer.preemption import Preemption
 from grpo_trainer.rollout import Rollouts, TransformersSampler
 from grpo_trainer.spec import CheckpointSpec, GRPORun
 from grpo_trainer.status_report import StatusReporter
-from grpo_trainer.storage import Storage, StorageError, open_storage
+from grpo_trainer.storage import Storage, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +73,7 @@ def prompts_per_step(run: GRPORun, world_size: int) -> int:
 
 
 @dataclass(frozen=True)
-class Outcome:
+class TrainResult:
     """How a call to train() ended: trained to max_steps, or stopped by SIGTERM after a checkpoint."""
 
     completed: bool
@@ -84,7 +83,7 @@ class Outcome:
     """The policy of that checkpoint in HF format (its model/ folder)."""
 
 
-def train(run: GRPORun, run_dir: Path, storage: Storage, *, show_progress: bool = True) -> Outcome:
+def train(run: GRPORun, run_dir: Path, storage: Storage, *, show_progress: bool = True) -> TrainResult:
     """Train ``run`` from its newest complete checkpoint in ``storage`` (or spec.checkpoints.resumeFrom,
     or from scratch), checkpointing every spec.checkpoints.everySteps and at the end. ``run_dir`` is
     local: metrics.jsonl and the staging folder of checkpoints."""
@@ -209,7 +208,7 @@ def train(run: GRPORun, run_dir: Path, storage: Storage, *, show_progress: bool 
     log.close()
     if rank == 0:
         shutil.rmtree(staging, ignore_errors=True)
-    return Outcome(step == grpo.max_steps, step, saved_uri, saved_uri and f"{saved_uri}/{MODEL_DIR}")
+    return TrainResult(step == grpo.max_steps, step, saved_uri, saved_uri and f"{saved_uri}/{MODEL_DIR}")
 
 
 def _optimize(engine, reference, rollouts: Rollouts, advantages, grpo, pad_token_id: int, device) -> dict[str, float]:
@@ -262,9 +261,7 @@ def _fetch_checkpoint(store: CheckpointStore, checkpoints: CheckpointSpec, endpo
     """Download the checkpoint to resume from into ``local_dir``: spec.checkpoints.resumeFrom if
     set, else the newest complete one; returns its URI, or None to start from scratch."""
     if checkpoints.resume_from:
-        root, step = split_checkpoint_uri(checkpoints.resume_from)
-        source = CheckpointStore(open_storage(root, endpoint_url=endpoint_url))
-        source.download(find_checkpoint(source, step), local_dir)
+        download_checkpoint(checkpoints.resume_from, local_dir, endpoint_url=endpoint_url)
         return checkpoints.resume_from
     manifest = store.fetch_newest(local_dir)
     return None if manifest is None else store.storage.uri_for(checkpoint_prefix(manifest.step))
