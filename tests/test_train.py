@@ -54,7 +54,7 @@ def test_train_writes_a_metrics_line_per_step_and_a_loadable_model_that_changed(
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     run = validate_manifest(manifest(tiny_model_dir, beta=0.04))
-    outcome = train(run, tmp_path, LocalStorage(tmp_path), show_progress=False)
+    outcome = train(run, tmp_path, LocalStorage(tmp_path), show_progress=False, tensorboard_dir=tmp_path / "tb")
     assert outcome.completed and outcome.step == 2
     final = outcome.model_uri.removeprefix("file://")
 
@@ -71,6 +71,13 @@ def test_train_writes_a_metrics_line_per_step_and_a_loadable_model_that_changed(
     initial, trained = _weights(tiny_model_dir), _weights(final)
     assert initial.keys() == trained.keys()
     assert any(not torch.equal(initial[name], trained[name]) for name in initial)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    for name in ("reward", "kl", "accuracy", "time/train"):
+        logged = [(event.step, event.value) for event in events.Scalars(name)]
+        assert logged == [(r["step"], pytest.approx(r[name], rel=1e-6)) for r in records], name
 
 
 @pytest.mark.slow
@@ -150,3 +157,39 @@ def test_train_leaves_the_operator_a_termination_message(tiny_model_dir, tmp_pat
     ended = TerminationMessage.parse(termination_log.read_text())
     assert ended.outcome == Outcome.COMPLETED and ended.step == 1
     assert ended.checkpoint_uri == f"file://{tmp_path / 'runs' / 'tiny' / 'checkpoints' / 'step-00000001'}"
+
+
+def test_batched_log_probs_equal_each_sequence_on_its_own(tiny_model_dir):
+    """Left-padded prompts, right-padded completions and logits kept only at completion columns
+    give every row the log-probs (and entropies) of its own unpadded forward pass."""
+    from grpo_trainer.rollout import Rollouts
+    from grpo_trainer.train import _completion_logps, _padded_batch
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).eval()
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, 500, (n,), generator=generator).tolist() for n in (7, 3, 11, 3)]
+    completions = [torch.randint(5, 500, (n,), generator=generator).tolist() for n in (4, 9, 1, 6)]
+    rollouts = Rollouts(prompts, completions, [[0.0] * len(c) for c in completions], [False, True, False, False])
+    batch = _padded_batch(rollouts, pad_id=0, device=torch.device("cpu"))
+    with torch.no_grad():
+        logps, entropy = _completion_logps(model, batch, temperature=0.7)
+        for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+            logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1]
+            log_probs = torch.log_softmax(logits / 0.7, dim=-1)
+            expected = log_probs.gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+            torch.testing.assert_close(logps[row, : len(completion)].double(), expected, rtol=0, atol=1e-5)
+            torch.testing.assert_close(entropy[row, : len(completion)].double(),
+                                       -(log_probs.exp() * log_probs).sum(-1), rtol=0, atol=1e-5)
+            assert not logps[row, len(completion) :].any() and not entropy[row, len(completion) :].any()
+
+
+def test_tensorboard_without_its_package_is_refused_before_anything_runs(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from grpo_trainer import cli
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else find_spec(name, *a))
+    assert cli.main(["train", str(tmp_path / "never-read.yaml"), "--tensorboard", str(tmp_path / "tb")]) == cli.EXIT_INVALID
+    assert "pip install 'grpo-operator[tensorboard]'" in capsys.readouterr().err
+    assert not (tmp_path / "tb").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import tempfile
@@ -36,6 +37,9 @@ def train(args: argparse.Namespace) -> int:
     from grpo_trainer.validation import ManifestError, load_manifest
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        console.print("[red]✗[/red] --tensorboard needs the tensorboard package: pip install 'grpo-operator\\[tensorboard]'")
+        return EXIT_INVALID
     try:
         run = load_manifest(args.manifest)
     except ManifestError as error:
@@ -50,7 +54,8 @@ def train(args: argparse.Namespace) -> int:
 
     run_dir, storage_uri = run_locations(run, args.run_dir)
     try:
-        outcome = train_run(run, run_dir, open_storage(storage_uri, endpoint_url=run.spec.checkpoints.endpoint_url))
+        storage = open_storage(storage_uri, endpoint_url=run.spec.checkpoints.endpoint_url)
+        outcome = train_run(run, run_dir, storage, tensorboard_dir=args.tensorboard and Path(args.tensorboard))
     except (UnreachableError, CheckpointWriteError) as error:  # may pass: the operator retries
         console.print(f"[red]✗[/red] {args.manifest}: {error}")
         return EXIT_RETRYABLE
@@ -142,6 +147,7 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("manifest", metavar="RUN.yaml")
     command.add_argument("--run-dir", metavar="DIR", help="local run directory: metrics.jsonl, and the checkpoints too when storage is file:// "
                          "(default: the spec's file:// path, or the temporary directory)")
+    command.add_argument("--tensorboard", metavar="DIR", help="also write every step's numbers to DIR as TensorBoard scalars")
     command.set_defaults(handler=train)
 
     command = commands.add_parser("report", help="plot a run's reward, accuracy, length and KL curves to a PNG")

@@ -1,4 +1,5 @@
-"""What a run reports: one JSON line per step, a progress bar on a terminal, sample completions.
+"""What a run reports: one JSON line per step, a progress bar on a terminal, sample completions,
+and optionally TensorBoard scalars.
 
 The JSON lines (metrics.jsonl in the run directory) are the record `grpo report` plots and the
 operator reads progress from; the names follow TRL's where TRL has one.
@@ -90,12 +91,27 @@ class MetricsLog:
     step once, even when the previous attempt logged steps past its last checkpoint.
     """
 
-    def __init__(self, path: Path, *, total_steps: int, enabled: bool, show_progress: bool, history: list[dict] = ()):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        total_steps: int,
+        enabled: bool,
+        show_progress: bool,
+        history: list[dict] = (),
+        tensorboard_dir: Path | None = None,
+    ):
         self.enabled = enabled
         self.path = path
         self.records = list(history)
         if not enabled:
             return
+        self.tensorboard = None
+        if tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: a resumed run drops what an earlier attempt logged past its checkpoint.
+            self.tensorboard = SummaryWriter(str(tensorboard_dir), purge_step=len(self.records) + 1)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = path.open("w", encoding="utf-8")
         self.file.writelines(json.dumps(record) + "\n" for record in self.records)
@@ -125,12 +141,20 @@ class MetricsLog:
         self.progress.update(self.task, completed=step, reward=record["reward"], length=record["completions/mean_length"])
         if self.progress.disable:
             logger.info("step %d: reward %.3f, length %.0f", step, record["reward"], record["completions/mean_length"])
+        if self.tensorboard is not None:
+            for name, value in record.items():
+                if isinstance(value, (int, float)) and name != "step":
+                    self.tensorboard.add_scalar(name, value, step)
         if step == 1 or step % SAMPLE_EVERY == 0:
             completion, gold = sample
             logger.info("step %d sample (gold %s):\n%s", step, gold, completion)
+            if self.tensorboard is not None:
+                self.tensorboard.add_text("sample", f"gold: {gold}\n\n{completion}", step)
         return record
 
     def close(self) -> None:
         if self.enabled:
             self.progress.stop()
             self.file.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()

@@ -49,15 +49,17 @@ class TrainingError(ValueError):
 
 @dataclass
 class Batch:
-    """One rank's completions of a step as right-padded tensors, ready for the loss."""
+    """One rank's completions of a step as tensors. Prompts are left-padded and completions
+    right-padded, so every completion starts at the same column and the model's output layer runs
+    only on the columns that predict completion tokens."""
 
-    input_ids: torch.Tensor  # [B, L] prompt + completion, right-padded
-    attention_mask: torch.Tensor  # [B, L]
-    prompt_lengths: list[int]
-    completion_ids: torch.Tensor  # [B, T] right-padded
+    input_ids: torch.Tensor  # [B, P + T] left-padded prompt, then right-padded completion
+    attention_mask: torch.Tensor  # [B, P + T]
+    position_ids: torch.Tensor  # [B, P + T] each row counts from its own first token
+    completion_ids: torch.Tensor  # [B, T]
     completion_mask: torch.Tensor  # [B, T]
     truncated: torch.Tensor  # [B] bool
-    sampler_logps: torch.Tensor  # [B, T]
+    sampler_logps: torch.Tensor | None  # [B, T]; None when the sampler gives no log-probs
 
 
 def prompts_per_step(run: GRPORun, world_size: int) -> int:
@@ -83,10 +85,13 @@ class TrainResult:
     """The policy of that checkpoint in HF format (its model/ folder)."""
 
 
-def train(run: GRPORun, run_dir: Path, storage: Storage, *, show_progress: bool = True) -> TrainResult:
+def train(
+    run: GRPORun, run_dir: Path, storage: Storage, *, show_progress: bool = True, tensorboard_dir: Path | None = None
+) -> TrainResult:
     """Train ``run`` from its newest complete checkpoint in ``storage`` (or spec.checkpoints.resumeFrom,
     or from scratch), checkpointing every spec.checkpoints.everySteps and at the end. ``run_dir`` is
-    local: metrics.jsonl and the staging folder of checkpoints."""
+    local: metrics.jsonl and the staging folder of checkpoints. With ``tensorboard_dir``, every step's
+    numbers also go there as TensorBoard scalars."""
     spec, grpo = run.spec, run.spec.grpo
     init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -132,7 +137,7 @@ def train(run: GRPORun, run_dir: Path, storage: Storage, *, show_progress: bool 
         logger.info("resumed from %s at step %d (download %.1f s, load %.1f s)",
                     resumed, first_step, fetch_seconds, time.perf_counter() - load_began)
     log = MetricsLog(run_dir / "metrics.jsonl", total_steps=grpo.max_steps, enabled=rank == 0,
-                     show_progress=show_progress, history=history)
+                     show_progress=show_progress, history=history, tensorboard_dir=tensorboard_dir)
     # In a pod, progress and checkpoints also go into the GRPORun's status, for kubectl get grporuns.
     reporter = StatusReporter.from_environment(grpo.max_steps) if rank == 0 else None
 
@@ -213,7 +218,7 @@ def train(run: GRPORun, run_dir: Path, storage: Storage, *, show_progress: bool 
 
 def _optimize(engine, reference, rollouts: Rollouts, advantages, grpo, pad_token_id: int, device) -> dict[str, float]:
     """The training phase of one step: ``num_iterations`` passes over this rank's rollouts in
-    micro-batches through the engine; returns the loss metrics averaged over micro-batches."""
+    micro-batches through the engine; returns the loss metrics averaged over micro-batches and ranks."""
     world_size = dist.get_world_size()
     batch = _padded_batch(rollouts, pad_token_id, device)
     completion_mask = batch.completion_mask
@@ -235,7 +240,7 @@ def _optimize(engine, reference, rollouts: Rollouts, advantages, grpo, pad_token
                 advantages[rows],
                 old_logps=None if old_logps is None else old_logps[rows],
                 ref_logps=None if ref_logps is None else ref_logps[rows],
-                sampler_logps=batch.sampler_logps[rows],
+                sampler_logps=None if batch.sampler_logps is None else batch.sampler_logps[rows],
                 loss_type=grpo.loss_type,
                 beta=grpo.beta,
                 epsilon=grpo.epsilon,
@@ -254,7 +259,9 @@ def _optimize(engine, reference, rollouts: Rollouts, advantages, grpo, pad_token
             metrics["entropy"] = _masked_mean(entropy, completion_mask[rows])
             for name, value in metrics.items():
                 step_metrics.setdefault(name, []).append(float(value))
-    return {name: sum(values) / len(values) for name, values in step_metrics.items()}
+    # Each rank's mean over its micro-batches, then the mean over ranks (each holds as many rows).
+    means = torch.tensor([sum(values) / len(values) for values in step_metrics.values()], device=device)
+    return dict(zip(step_metrics, (_all_reduce_sum(means) / world_size).tolist()))
 
 
 def _fetch_checkpoint(store: CheckpointStore, checkpoints: CheckpointSpec, endpoint_url, local_dir: Path) -> str | None:
@@ -306,49 +313,55 @@ def _sampling_seed(seed: int, step: int, rank: int, world_size: int) -> int:
 
 def _padded_batch(rollouts: Rollouts, pad_id: int, device) -> Batch:
     rows = len(rollouts)
-    width = max(len(p) + len(c) for p, c in zip(rollouts.prompt_ids, rollouts.completion_ids))
+    prompt_width = max(map(len, rollouts.prompt_ids))
     longest = max(map(len, rollouts.completion_ids))
-    input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((rows, width), dtype=torch.long)
-    completion_ids = torch.full((rows, longest), pad_id, dtype=torch.long)
+    input_ids = torch.full((rows, prompt_width + longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((rows, prompt_width + longest), dtype=torch.long)
     completion_mask = torch.zeros((rows, longest))
-    sampler_logps = torch.zeros((rows, longest))
-    for row, (prompt, completion, logps) in enumerate(
-        zip(rollouts.prompt_ids, rollouts.completion_ids, rollouts.sampler_logprobs)
-    ):
-        sequence = prompt + completion
-        input_ids[row, : len(sequence)] = torch.tensor(sequence)
-        attention_mask[row, : len(sequence)] = 1
-        completion_ids[row, : len(completion)] = torch.tensor(completion)
+    for row, (prompt, completion) in enumerate(zip(rollouts.prompt_ids, rollouts.completion_ids)):
+        sequence = slice(prompt_width - len(prompt), prompt_width + len(completion))
+        input_ids[row, sequence] = torch.tensor(prompt + completion)
+        attention_mask[row, sequence] = 1
         completion_mask[row, : len(completion)] = 1
-        sampler_logps[row, : len(completion)] = torch.tensor(logps)
+    sampler_logps = None
+    if rollouts.sampler_logprobs is not None:
+        sampler_logps = torch.zeros((rows, longest))
+        for row, logps in enumerate(rollouts.sampler_logprobs):
+            sampler_logps[row, : len(logps)] = torch.tensor(logps)
+        sampler_logps = sampler_logps.to(device)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     return Batch(
         input_ids.to(device),
         attention_mask.to(device),
-        [len(p) for p in rollouts.prompt_ids],
-        completion_ids.to(device),
+        position_ids.to(device),
+        input_ids[:, prompt_width:].to(device),
         completion_mask.to(device),
         torch.tensor(rollouts.truncated, device=device),
-        sampler_logps.to(device),
+        sampler_logps,
     )
 
 
 def _rows(batch: Batch, rows: slice) -> Batch:
-    return Batch(**{field.name: getattr(batch, field.name)[rows] for field in fields(Batch)})
+    return Batch(**{f.name: None if (v := getattr(batch, f.name)) is None else v[rows] for f in fields(Batch)})
 
 
 def _completion_logps(model, batch: Batch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """log π(o_t | q, o_<t) of each completion token at the sampling temperature, and the entropy of
-    π at that position, both [B, T] (0 past a completion's end). Logits are taken only where the
-    completion is, one row at a time, so memory grows with T, not with the whole sequence."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    π at that position, both [B, T] (0 past a completion's end). The output layer runs only on the
+    T columns that predict completion tokens (the logits at column c predict the token at c + 1),
+    and the float32 log-softmax goes one row at a time, so memory grows with T, not with B × T."""
     rows, width = batch.completion_ids.shape
+    logits = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        logits_to_keep=width + 1,
+    ).logits[:, :-1]
     logps = torch.zeros((rows, width), dtype=torch.float32, device=logits.device)
     entropy = torch.zeros((rows, width), dtype=torch.float32, device=logits.device)
     for row in range(rows):
         length = int(batch.completion_mask[row].sum())
-        start = batch.prompt_lengths[row] - 1  # the logits at position p predict the token at p + 1
-        log_probs = torch.log_softmax(logits[row, start : start + length].float() / temperature, dim=-1)
+        log_probs = torch.log_softmax(logits[row, :length].float() / temperature, dim=-1)
         tokens = batch.completion_ids[row, :length]
         logps[row, :length] = log_probs.gather(-1, tokens[:, None]).squeeze(-1)
         entropy[row, :length] = -(log_probs.exp() * log_probs).sum(-1).detach()
