@@ -90,7 +90,7 @@ class TransformersSampler:
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=positions,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             logits_to_keep=1,
         ).logits[:, -1]
@@ -119,7 +119,7 @@ class TransformersSampler:
                 input_ids=token[:, None],
                 attention_mask=attention_mask,
                 position_ids=position,
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
             ).logits[:, -1]
         return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)
