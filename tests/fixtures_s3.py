@@ -95,7 +95,9 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer
             "iam", endpoint_url=endpoint, region_name=REGION, aws_access_key_id="setup", aws_secret_access_key="setup"
         )
         admin = _iam_user(iam, "admin", ["*"])
-        reader = _iam_user(iam, "reader", ["s3:ListBucket", "s3:GetObject"])
+        # s3:ListBucket is AWS's IAM action for listing; moto 5.2.6 checks the operation's own name
+        # (s3:ListObjectsV2) instead, so the reader holds both and means the same either way.
+        reader = _iam_user(iam, "reader", ["s3:ListBucket", "s3:ListObjectsV2", "s3:GetObject"])
         switch_on_auth = urllib.request.Request(
             f"{endpoint}/moto-api/reset-auth", data=b"0", headers={"Content-Type": "text/plain"}, method="POST"
         )
