@@ -302,7 +302,14 @@ def run_ours(settings: Settings, model_dir: Path, fixed: list | None, profile: b
             clock.end()
             return super().total
 
-    our_train.TransformersSampler, our_train.StepTimer = Sampler, Timer
+    engines = []
+
+    def build_engine(*args, **kwargs):
+        engines.append(our_build_engine(*args, **kwargs))
+        return engines[-1]
+
+    our_build_engine = our_train.build_engine
+    our_train.TransformersSampler, our_train.StepTimer, our_train.build_engine = Sampler, Timer, build_engine
     with tempfile.TemporaryDirectory() as scratch:
         run = our_run(settings, model_dir, Path(scratch))
         load_before = os.getloadavg()[0]
@@ -321,8 +328,9 @@ def run_ours(settings: Settings, model_dir: Path, fixed: list | None, profile: b
         )
         for record, (_, cpu) in zip(records, clock.spans, strict=True)
     ]
-    optimizer = "torch.optim.AdamW (for-loop) in DeepSpeed ZeRO-2"
-    return SideResult("ours", steps, prompts_seen, (load_before, load_after), optimizer, clock.top())
+    engine = engines[0]
+    return SideResult("ours", steps, prompts_seen, (load_before, load_after), _describe(engine.optimizer.optimizer)
+                      + f" in DeepSpeed ZeRO-{engine.zero_optimization_stage()}", clock.top())
 
 
 # ----------------------------------------------------------------------------------- TRL's side
@@ -431,10 +439,13 @@ def run_trl(settings: Settings, model_dir: Path, fixed: list | None, profile: bo
         StepTimes(wall, cpu, p["generate"], p["score"], wall - p["generate"] - p["score"], p["tokens"])
         for (wall, cpu), p in zip(clock.spans, phases, strict=True)
     ]
-    optimizer = trainer.optimizer.optimizer  # under accelerate's wrapper
-    flags = ", ".join(f"{k}={v}" for k, v in optimizer.defaults.items() if k in ("foreach", "fused"))
-    description = f"{type(optimizer).__module__}.{type(optimizer).__name__} ({flags}; optim={config.optim.value})"
+    description = _describe(trainer.optimizer.optimizer) + f" (optim={config.optim.value})"  # under accelerate's wrapper
     return SideResult("TRL", steps, prompts_seen, (load_before, load_after), description, clock.top())
+
+
+def _describe(optimizer) -> str:
+    flags = ", ".join(f"{k}={v}" for k, v in optimizer.defaults.items() if k in ("foreach", "fused"))
+    return f"{type(optimizer).__module__}.{type(optimizer).__name__} ({flags})"
 
 
 # -------------------------------------------------------------------------------------- report
