@@ -61,13 +61,14 @@ def test_train_writes_a_metrics_line_per_step_and_a_loadable_model_that_changed(
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [record["step"] for record in records] == [1, 2]
     for record in records:
-        for key in ("reward", "reward_std", "rewards/accuracy/mean", "rewards/cosine/mean", "accuracy", "kl",
+        for key in ("reward", "reward_std", "rewards/accuracy/mean", "rewards/cosine/mean", "rewards/cosine/std",
+                    "accuracy", "kl",
                     "entropy", "completions/mean_length", "completions/max_length", "completions/clipped_ratio",
                     "clip_ratio/region_mean", "frac_reward_zero_std", "learning_rate", "tokens_per_second",
                     "time/generate", "time/score", "time/train"):
             assert key in record, key
         assert 1 <= record["completions/max_length"] <= 12
-        assert record["entropy"] > 0 and record["reward_std"] > 0
+        assert record["entropy"] > 0 and record["reward_std"] > 0 and record["rewards/cosine/std"] > 0
     initial, trained = _weights(tiny_model_dir), _weights(final)
     assert initial.keys() == trained.keys()
     assert any(not torch.equal(initial[name], trained[name]) for name in initial)

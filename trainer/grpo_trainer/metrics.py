@@ -64,6 +64,8 @@ def step_record(
         "reward": rewards.mean().item(),
         "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
         **{f"rewards/{name}/mean": values.float().mean().item() for name, values in per_function.items()},
+        **{f"rewards/{name}/std": values.float().std().item() if len(values) > 1 else 0.0
+           for name, values in per_function.items()},
         "frac_reward_zero_std": (groups.std(dim=1) < 1e-9).float().mean().item(),
         "completions/mean_length": completion_lengths.float().mean().item(),
         "completions/max_length": int(completion_lengths.max()),
