@@ -64,8 +64,8 @@ def run_with_kills(
     last step's own ``time/step`` (or of ``startup_seconds`` before the first step). Kills thus land in
     start-up, rollouts, training and checkpoint writes, whatever the speed of the machine."""
     rng = random.Random(seed)
-    max_steps = yaml.safe_load(manifest.read_text())["spec"]["grpo"]["maxSteps"]
-    run = run_dir / yaml.safe_load(manifest.read_text())["metadata"]["name"]
+    body = yaml.safe_load(manifest.read_text())
+    max_steps, run = body["spec"]["grpo"]["maxSteps"], run_dir / body["metadata"]["name"]
     trial = Trial()
     while True:
         trial.attempts += 1
@@ -74,11 +74,13 @@ def run_with_kills(
         with open(log, "w") as stderr:
             child = subprocess.Popen(train_command(manifest, run_dir), env=env, stdout=subprocess.DEVNULL, stderr=stderr)
         if trial.kills < kills:
-            target = min(rng.randint(0, steps_per_attempt), max_steps - 1 - _newest_checkpoint(run))
+            checkpoints = _complete_checkpoints(run)
+            resumes_at = int(checkpoints[-1].name.removeprefix("step-")) if checkpoints else 0
+            target = min(rng.randint(0, steps_per_attempt), max_steps - 1 - resumes_at)
             fraction = rng.random()
             while child.poll() is None and len(_steps_logged(log)) < target:
                 time.sleep(0.02)
-            time.sleep(fraction * (_last_step_seconds(run) if target else startup_seconds))
+            time.sleep(fraction * (metrics(run)[-1]["time/step"] if target else startup_seconds))
             if child.poll() is None:
                 child.send_signal(signal.SIGKILL)
         child.wait(timeout=600)
@@ -94,13 +96,9 @@ def run_with_kills(
         return trial  # finished (if before all kills landed, the trial counts fewer kills)
 
 
-def _newest_checkpoint(run: Path) -> int:
-    """The step the next attempt resumes from: the newest complete (manifest-bearing) checkpoint."""
-    return max((int(m.parent.name.removeprefix("step-")) for m in run.glob("checkpoints/step-*/manifest.json")), default=0)
-
-
-def _last_step_seconds(run: Path) -> float:
-    return json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["time/step"]
+def _complete_checkpoints(run: Path) -> list[Path]:
+    """The run's checkpoint folders that hold a manifest, oldest first: a resume takes the last."""
+    return sorted(manifest.parent for manifest in run.glob("checkpoints/step-*/manifest.json"))
 
 
 def _steps_logged(log: Path) -> list[int]:
@@ -109,8 +107,7 @@ def _steps_logged(log: Path) -> list[int]:
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    newest = sorted((run_dir / "checkpoints").glob("step-*/manifest.json"))[-1].parent
-    return load_file(newest / "model" / "model.safetensors")
+    return load_file(_complete_checkpoints(run_dir)[-1] / "model" / "model.safetensors")
 
 
 def metrics(run_dir: Path) -> list[dict]:
