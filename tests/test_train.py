@@ -194,3 +194,13 @@ def test_tensorboard_without_its_package_is_refused_before_anything_runs(tmp_pat
     assert cli.main(["train", str(tmp_path / "never-read.yaml"), "--tensorboard", str(tmp_path / "tb")]) == cli.EXIT_INVALID
     assert "pip install 'grpo-operator[tensorboard]'" in capsys.readouterr().err
     assert not (tmp_path / "tb").exists()
+
+
+def test_a_tensorboard_path_that_is_a_file_is_refused_naming_it(tmp_path, capsys):
+    from grpo_trainer import cli
+
+    taken = tmp_path / "events"
+    taken.write_text("not a folder")
+    assert cli.main(["train", str(tmp_path / "never-read.yaml"), "--tensorboard", str(taken)]) == cli.EXIT_INVALID
+    assert f"--tensorboard {taken}: cannot be a folder of event files" in capsys.readouterr().err
+    assert taken.read_text() == "not a folder"

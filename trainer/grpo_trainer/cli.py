@@ -37,8 +37,8 @@ def train(args: argparse.Namespace) -> int:
     from grpo_trainer.validation import ManifestError, load_manifest
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        console.print("[red]✗[/red] --tensorboard needs the tensorboard package: pip install 'grpo-operator\\[tensorboard]'")
+    if args.tensorboard and (problem := _tensorboard_problem(Path(args.tensorboard))):
+        console.print(f"[red]✗[/red] --tensorboard {args.tensorboard}: {problem}")
         return EXIT_INVALID
     try:
         run = load_manifest(args.manifest)
@@ -69,6 +69,17 @@ def train(args: argparse.Namespace) -> int:
         console.print(f"stopped by SIGTERM after step {outcome.step}; checkpoint: {outcome.checkpoint_uri}")
         ended = TerminationMessage(Outcome.PREEMPTED, step=outcome.step, checkpoint_uri=outcome.checkpoint_uri)
     return _ended(ended, 0, quiet=True)
+
+
+def _tensorboard_problem(folder: Path) -> str | None:
+    """Why TensorBoard events cannot go to ``folder`` (created here if missing), or None."""
+    if importlib.util.find_spec("tensorboard") is None:
+        return "needs the tensorboard package: pip install 'grpo-operator\\[tensorboard]'"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        return f"cannot be a folder of event files ({error.strerror})"
+    return None
 
 
 def _ended(message: TerminationMessage, status: int, *, quiet: bool = False) -> int:
