@@ -6,6 +6,8 @@ operator reads it beside the exit code:
 
 - exit 0, outcome ``completed``: trained to maxSteps, the final model is written;
 - exit 0, outcome ``preempted``: got SIGTERM, wrote a checkpoint at ``step`` and stopped cleanly;
+- exit 0, outcome ``evaluated`` (an evaluation Job's ``grpo eval``): ``scores``, one object per
+  benchmark in the shape of the status's BenchmarkScore, for the checkpoint at ``step``;
 - exit EXIT_INVALID, outcome ``invalid``: bad input (``reason`` such as DatasetError, ``message``
   naming the field or file) that no retry fixes;
 - any other exit: a crash, retried from the latest checkpoint.
@@ -54,6 +56,7 @@ class Outcome(StrEnum):
     COMPLETED = "completed"
     PREEMPTED = "preempted"
     INVALID = "invalid"
+    EVALUATED = "evaluated"
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class TerminationMessage:
     reason: str | None = None  # CamelCase, for invalid: InvalidSpec, DatasetError, ModelError, ...
     message: str = ""
     checkpoint_uri: str | None = None
+    scores: tuple[dict, ...] = ()  # evaluated: a few hundred bytes for the five benchmarks, never cut
 
     def to_json(self) -> str:
         """Compact ASCII JSON of at most MAX_BYTES. What does not fit is cut from the end of the
@@ -79,7 +83,7 @@ class TerminationMessage:
         return fitted._encode()
 
     def _encode(self) -> str:
-        fields = {key: value for key, value in asdict(self).items() if value not in (None, "")}
+        fields = {key: value for key, value in asdict(self).items() if value not in (None, "", ())}
         # ASCII (non-ASCII escaped), so characters are bytes and even a lone surrogate is writable.
         return json.dumps(fields, separators=(",", ":"))
 
@@ -104,6 +108,7 @@ class TerminationMessage:
             reason=text_field("reason"),
             message=text_field("message") or "",
             checkpoint_uri=text_field("checkpoint_uri"),
+            scores=tuple(row for row in data.get("scores") or () if isinstance(row, dict)),
         )
 
     def write(self, path: str = TERMINATION_LOG) -> None:
