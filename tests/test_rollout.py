@@ -78,3 +78,12 @@ def test_sample_token_keeps_to_the_top_p_nucleus():
     tokens = sample_token(probs.log().expand(10_000, -1), 0.7, generator)
     assert set(tokens.tolist()) == {1, 3}
     assert sample_token(probs.log()[None], 0.3, generator).item() == 3  # the most likely alone
+
+
+def test_temperature_zero_is_greedy_whatever_the_seed(model):
+    greedy = _sample(model, seed=1, temperature=0.0)
+    assert greedy.completion_ids == _sample(model, seed=2, temperature=0.0).completion_ids
+    prompt = torch.tensor([[5, 6, 7]])
+    first = model(prompt).logits[0, -1].argmax().item()
+    assert greedy.completion_ids[0][0] == first
+    assert greedy.sampler_logprobs[0][0] == pytest.approx(torch.log_softmax(model(prompt).logits[0, -1], -1).max().item(), abs=1e-5)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from grpo_trainer.benchmarks import BENCHMARKS as EVAL_BENCHMARKS
+from grpo_trainer.spec import BENCHMARKS
 from grpo_trainer.termination import EXIT_INVALID, EXIT_RETRYABLE, TERMINATION_LOG, Outcome, TerminationMessage
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)  # never break a path in two
@@ -104,6 +106,77 @@ def run_locations(run, run_dir: str | None) -> tuple[Path, str]:
     return Path(run_dir or Path(tempfile.gettempdir(), "grpo")) / name, f"{storage.rstrip('/')}/{name}"
 
 
+def evaluate(args: argparse.Namespace) -> int:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from grpo_trainer.checkpoint import split_checkpoint_uri
+    from grpo_trainer.data import DatasetError
+    from grpo_trainer.evaluation import EvalSettings, load_benchmarks, print_table, run_evaluation
+    from grpo_trainer.model import ModelError, load_tokenizer, resolve_model_source
+    from grpo_trainer.storage import StorageError, UnreachableError, open_storage
+
+    settings = EvalSettings(
+        samples_per_problem=args.samples_per_problem,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        max_model_len=args.max_model_len,
+        seed=args.seed,
+        limit=args.limit,
+    )
+    output = args.output if args.output.startswith(("s3://", "file://")) else f"file://{Path(args.output).absolute()}"
+    checkpoint = split_checkpoint_uri(args.model)
+    try:
+        # Everything that can be wrong with the input fails here, before the model loads or a token is generated.
+        backend_name = args.backend or _default_backend()
+        if backend_name == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise ModelError("--backend vllm: vLLM is not installed here (it needs CUDA); use --backend transformers")
+        storage = open_storage(output, endpoint_url=args.endpoint_url)
+        storage.check_access(write=True)
+        loaded = load_benchmarks(args.benchmarks, Path(args.data_dir) if args.data_dir else None, settings)
+        location = resolve_model_source(args.model, args.revision, endpoint_url=args.endpoint_url)
+        tokenizer = load_tokenizer(location)
+        backend = _eval_backend(backend_name, location, tokenizer, args)
+        results = run_evaluation(
+            args.model, loaded, settings, storage, backend, tokenizer, step=checkpoint[1] if checkpoint else 0, console=console
+        )
+    except UnreachableError as error:  # may pass: the Job retries
+        console.print(f"[red]✗[/red] grpo eval {args.model}: {error}")
+        return EXIT_RETRYABLE
+    except (DatasetError, ModelError, StorageError) as error:
+        message = f"grpo eval {args.model}: {error}"
+        return _ended(TerminationMessage(Outcome.INVALID, reason=type(error).__name__, message=message), EXIT_INVALID)
+    print_table(results, console, output)
+    console.print(f"rows, summaries and scores.json: {output}")
+    step = checkpoint[1] if checkpoint else 0
+    scores = tuple(result.score(step).model_dump(mode="json", by_alias=True, exclude_none=True) for result in results)
+    return _ended(TerminationMessage(Outcome.EVALUATED, step=step, checkpoint_uri=args.model, scores=scores), 0, quiet=True)
+
+
+def _default_backend() -> str:
+    """vLLM where it can run (an NVIDIA GPU and vLLM installed), else the trainer's own sampler."""
+    if importlib.util.find_spec("vllm") is None:
+        return "transformers"
+    import torch
+
+    return "vllm" if torch.cuda.is_available() else "transformers"
+
+
+def _eval_backend(name: str, location, tokenizer, args: argparse.Namespace):
+    if name == "vllm":
+        from grpo_trainer.eval_vllm import EngineConfig, VLLMBackend
+
+        return VLLMBackend(EngineConfig(model=location.path, revision=location.revision), gpus=args.gpus)
+    import torch
+
+    from grpo_trainer.evaluation import TransformersBackend
+    from grpo_trainer.model import load_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return TransformersBackend(load_model(location, tokenizer, device=device), tokenizer, prompts_per_batch=args.batch_size)
+
+
 def report(args: argparse.Namespace) -> int:
     from grpo_trainer.report import ReportError, render
 
@@ -161,6 +234,28 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("--tensorboard", metavar="DIR", help="also write every step's numbers to DIR as TensorBoard scalars")
     command.set_defaults(handler=train)
 
+    command = commands.add_parser("eval", help="score a model on the paper's benchmarks, as Open-RS scored it (lighteval)")
+    command.add_argument("model", metavar="MODEL", help="hub id, local folder or .gguf, package://PKG/FILE, or s3://…/checkpoints/step-N")
+    command.add_argument("--benchmarks", type=_benchmark_list, default=list(BENCHMARKS), metavar="A,B,…",
+                         help=f"comma-separated, from {', '.join(EVAL_BENCHMARKS)} (default: the paper's five)")
+    command.add_argument("--samples-per-problem", "-k", type=_positive, default=1, metavar="K", help="samples per problem (default 1)")
+    command.add_argument("--temperature", type=_non_negative, default=0.6, help="0 is greedy (default 0.6, the paper's)")
+    command.add_argument("--top-p", type=_probability, default=0.95, help="nucleus (default 0.95, the paper's)")
+    command.add_argument("--max-new-tokens", type=_positive, default=32768, metavar="N", help="default 32768, the paper's")
+    command.add_argument("--max-model-len", type=_positive, default=32768, metavar="N",
+                         help="prompt + completion stop here, as vLLM did for the paper (default 32768)")
+    command.add_argument("--seed", type=int, default=1234, help="default 1234, lighteval's")
+    command.add_argument("--limit", type=_positive, metavar="N", help="only the first N problems of each benchmark (not comparable)")
+    command.add_argument("--output", "-o", default="evaluations", metavar="LOCATION",
+                         help="folder or s3:// prefix for the rows, summaries and scores.json (default ./evaluations)")
+    command.add_argument("--data-dir", metavar="DIR", help="read DIR/<benchmark>/test.jsonl instead of the hub")
+    command.add_argument("--backend", choices=("vllm", "transformers"), help="default: vllm on an NVIDIA GPU, else transformers")
+    command.add_argument("--gpus", type=_positive, default=1, help="vllm: one engine per GPU, prompts dealt out (default 1)")
+    command.add_argument("--batch-size", type=_positive, default=8, metavar="N", help="transformers: prompts per batch (default 8)")
+    command.add_argument("--revision", default="main", help="hub revision of MODEL")
+    command.add_argument("--endpoint-url", metavar="URL", help="S3-compatible endpoint for s3:// models and outputs")
+    command.set_defaults(handler=evaluate)
+
     command = commands.add_parser("report", help="plot a run's reward, accuracy, length and KL curves to a PNG")
     command.add_argument("run_dir", metavar="RUN_DIR")
     command.add_argument("-o", "--output", metavar="PNG", help="default: RUN_DIR/curves.png")
@@ -180,6 +275,32 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("-v", "--verbose", action="store_true", help="log kopf's debug messages")
     command.set_defaults(handler=operator)
     return root
+
+
+def _benchmark_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in EVAL_BENCHMARKS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown benchmark {', '.join(unknown) or '(none)'}; known: {', '.join(EVAL_BENCHMARKS)}")
+    return list(dict.fromkeys(names))
+
+
+def _number(kind: type, test, what: str):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"{text} is not {what}")
+        return value
+
+    return parse
+
+
+_positive = _number(int, lambda v: v >= 1, "at least 1")
+_non_negative = _number(float, lambda v: 0 <= v <= 10, "between 0 and 10")
+_probability = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")
 
 
 def main(argv: list[str] | None = None) -> int:

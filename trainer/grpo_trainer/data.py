@@ -77,7 +77,7 @@ def load_problems(
     if source.startswith("builtin://"):
         problems = builtin_problems(source)
     else:
-        columns, rows = _read_source(spec, cache_dir, endpoint_url)
+        columns, rows = read_table(spec, cache_dir, endpoint_url)
         problems = problems_from_rows(
             rows,
             columns,
@@ -174,7 +174,10 @@ def last_boxed(text: str) -> str | None:
     return found
 
 
-def _read_source(spec: DatasetSpec, cache_dir: Path | None, endpoint_url: str | None) -> tuple[list[str], list[dict]]:
+def read_table(
+    spec: DatasetSpec, cache_dir: Path | None = None, endpoint_url: str | None = None
+) -> tuple[list[str], list[dict]]:
+    """The column names and rows of a dataset source (local, s3:// or hub; not builtin://)."""
     source = spec.source
     if source.startswith("s3://"):
         return _read_local(_download(source, cache_dir, endpoint_url), spec.split, source)

@@ -218,6 +218,13 @@ def load_model(
     return model.to(device)
 
 
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokens that end a completion: the tokenizer's EOS and the generation config's (as vLLM stops)."""
+    configured = model.generation_config.eos_token_id
+    configured = list(configured) if isinstance(configured, list | tuple) else [configured]
+    return sorted({tokenizer.eos_token_id, *configured} - {None})
+
+
 def _load_failed(location: ModelLocation, what: str, err: Exception) -> ModelError:
     message = f"{location.source}: cannot load the {what}: {err}"
     if location.revision is not None:

@@ -105,8 +105,9 @@ class TransformersSampler:
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
         tokens, logprobs = [], []
         for _ in range(max_new_tokens):
-            log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)
-            token = sample_token(log_probs, top_p, generator)
+            # Temperature 0 is greedy decoding (evaluations); its log-probs are the plain softmax's.
+            log_probs = torch.log_softmax(logits.float() / (temperature or 1.0), dim=-1)
+            token = log_probs.argmax(-1) if temperature == 0 else sample_token(log_probs, top_p, generator)
             token = token.masked_fill(finished, self.pad_token_id)
             tokens.append(token)
             logprobs.append(log_probs.gather(-1, token[:, None]).squeeze(-1))

@@ -472,7 +472,8 @@ class CheckpointRef(APIModel):
 
 
 class BenchmarkScore(APIModel):
-    benchmark: Benchmark
+    # Not just the paper's five: `grpo eval` scores other sets (gsm8k) in the same shape.
+    benchmark: str = Field(pattern=r"^[a-z0-9_]{1,32}$")
     checkpoint_step: int = Field(ge=0)
     score: float = Field(ge=0, le=1, description="Mean accuracy over problems and samples.")
     ci_low: float | None = Field(default=None, ge=0, le=1, description="Lower end of the 95% confidence interval.")

@@ -32,7 +32,7 @@ from grpo_trainer.data import build_prompts, load_problems
 from grpo_trainer.engine import build_engine, init_distributed
 from grpo_trainer.loss import group_advantages, grpo_loss, mask_truncated_completions
 from grpo_trainer.metrics import MetricsLog, StepTimer
-from grpo_trainer.model import load_model, load_tokenizer, resolve_model_source
+from grpo_trainer.model import eos_token_ids, load_model, load_tokenizer, resolve_model_source
 from grpo_trainer.rewards import RewardScorer
 from grpo_trainer.preemption import Preemption
 from grpo_trainer.rollout import Rollouts, TransformersSampler
@@ -125,7 +125,7 @@ def train(
     if grpo.beta > 0:
         reference = load_model(location, tokenizer, dtype=spec.model.dtype, device=device).eval().requires_grad_(False)
     engine = build_engine(model, grpo)
-    eos_ids = sorted({tokenizer.eos_token_id, *_as_list(model.generation_config.eos_token_id)} - {None})
+    eos_ids = eos_token_ids(model, tokenizer)
     sampler = TransformersSampler(engine.module, eos_token_ids=eos_ids, pad_token_id=tokenizer.pad_token_id)
     scorer = RewardScorer(spec.rewards)
 
@@ -389,10 +389,3 @@ def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
         value = value.clone()
         dist.all_reduce(value)
     return value
-
-
-def _as_list(value) -> list:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
