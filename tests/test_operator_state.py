@@ -561,6 +561,15 @@ def test_a_failed_evaluation_is_a_condition_and_the_trained_run_still_succeeds(e
     assert decide_at(TWO, new, completed(), jobs=[ended], hours=4).events == (), "reported once"
 
 
+def test_many_failed_evaluations_fit_a_condition():
+    jobs = [job(step, ("Failed", "DeadlineExceeded", "x" * 900)) for step in range(100, 10_100, 100)]
+    long_tail = said("invalid", reason="CheckpointError", message="y" * 5000)
+    pods = [eval_pod(step, phase="Failed", state=terminated(EXIT_INVALID, message=long_tail)) for step in range(100, 10_100, 100)]
+    new = decide_at(EVERY, replay(EVERY, RUNNING), training(), jobs=jobs, pods=pods).status
+    failed = next(c for c in new.conditions if c.type == "EvaluationFailed")
+    assert failed.message.startswith("100 evaluations failed, the last 5: step 9600:") and len(failed.message) < 32768
+
+
 def test_a_deleted_evaluation_job_is_created_again():
     decision = decide_at(TWO, evaluating(), completed(), jobs=[])
     assert decision.status.phase == "Evaluating" and [c.step for c in decision.create_jobs] == [500]

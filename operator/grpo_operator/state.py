@@ -693,9 +693,12 @@ def _evaluate(
     best = d.best_checkpoint
     summary = f"best checkpoint: step {best.step} ({_scores_text(d, best.step)})" if best else "no checkpoint has every score selectBy needs"
     if failed is not None and failed.status == "True":
-        d.succeed("Evaluated", f"{headline}trained and evaluated; {summary}; some evaluations failed: {failed.message}", warning=True)
+        d.succeed("Evaluated", f"{headline}trained and evaluated; {summary}; evaluations failed (condition EvaluationFailed)", warning=True)
     else:
         d.succeed("Evaluated", f"{headline}trained and evaluated; {summary}")
+
+
+_FAILURES_SHOWN = 5
 
 
 def _unfinished(evaluations: Sequence[EvaluationObservation]) -> list[EvaluationObservation]:
@@ -749,7 +752,10 @@ def _fold(spec: GRPORunSpec, d: _Draft, evaluations: Sequence[EvaluationObservat
 
     failed = [job for job in evaluations if job.state is EvaluationState.FAILED]
     if failed:
-        message = "; ".join(f"step {job.step}: {job.reason}: {job.message}" for job in failed)
+        shown = failed[-_FAILURES_SHOWN:]  # a condition's message is bounded; each names a few KB at most
+        message = "; ".join(f"step {job.step}: {job.reason}: {job.message}" for job in shown)
+        if len(failed) > len(shown):
+            message = f"{len(failed)} evaluations failed, the last {len(shown)}: {message}"
         before = d.condition("EvaluationFailed")
         if before is None or before.message != message:  # a failure not reported yet
             d.notes.append(Event("Warning", failed[-1].reason, failed[-1].message))
