@@ -24,7 +24,9 @@ spec.suspend is set back to false.
 Evaluation: one batch/v1 Job per checkpoint, named ``job_name(run, step)`` so that a repeated
 create is AlreadyExists, as for pods. ``spec.evaluation.checkpoints: final`` evaluates the
 checkpoint the completed trainer names in its termination message; ``every`` also evaluates each
-``status.latestCheckpoint`` the trainer reports while it trains. A completed run waits in
+``status.latestCheckpoint`` the trainer reports while it trains (a checkpoint overtaken by the
+next before any pass saw it, hours apart at the default everySteps, goes unevaluated; the operator
+wakes on each report). A completed run waits in
 Evaluating until each of its Jobs has finished (neither spec.suspend nor activeDeadlineSeconds
 applies there: each Job has its own deadline), then Succeeded. A Job that fails for good (its
 backoffLimit, its deadline, bad input) is condition EvaluationFailed with the Job's reason and
