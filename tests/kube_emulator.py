@@ -15,7 +15,9 @@ of the API server that kopf and the operator rely on and kmock's own KubernetesE
 
 The garbage collector runs inside the request that makes garbage, so tests never wait for it.
 Pods are deleted at once (no grace period) and nothing schedules or runs them: a test plays the
-kubelet with ``set_pod_status``. Objects live in kmock's ObjectsArray, with every version kept:
+kubelet with ``set_pod_status``, and the Job controller with ``start_job_pod`` (a pod from a
+batch/v1 Job's template, owned by the Job) and ``set_job_status`` (e.g. ``job_finished("Failed",
+"DeadlineExceeded")``). Objects live in kmock's ObjectsArray, with every version kept:
 ``kube.objects[GRPORUNS, "default", "run"].history``.
 
 Use the ``kube`` fixture (``pytest_plugins = ["kube_emulator"]``) and ``running_operator``::
@@ -62,10 +64,11 @@ EVENTS = kmock.resource("", "v1", "events")
 CONFIGMAPS = kmock.resource("", "v1", "configmaps")
 SERVICEACCOUNTS = kmock.resource("", "v1", "serviceaccounts")
 PODS = kmock.resource("", "v1", "pods")
+JOBS = kmock.resource("batch", "v1", "jobs")
 ROLES = kmock.resource("rbac.authorization.k8s.io", "v1", "roles")
 ROLEBINDINGS = kmock.resource("rbac.authorization.k8s.io", "v1", "rolebindings")
 CRDS = kmock.resource("apiextensions.k8s.io", "v1", "customresourcedefinitions")
-BUILTINS = (NAMESPACES, EVENTS, CONFIGMAPS, SERVICEACCOUNTS, PODS, ROLES, ROLEBINDINGS, CRDS)
+BUILTINS = (NAMESPACES, EVENTS, CONFIGMAPS, SERVICEACCOUNTS, PODS, JOBS, ROLES, ROLEBINDINGS, CRDS)
 """What the operator creates or kopf reads; a CRD created in CRDS adds its resource to these."""
 
 VERBS = frozenset({"create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"})
@@ -310,6 +313,41 @@ def pod_status(
     return status
 
 
+# ------------------------------------------------------------------------------ the Job controller's side
+
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+JOB_UID_LABEL = "batch.kubernetes.io/controller-uid"
+
+
+def job_pod(job: Mapping[str, Any]) -> dict[str, Any]:
+    """A pod of `job` as the Job controller makes it: from the template, named after the Job with
+    a random suffix, labelled with the Job's name and uid, owned by the Job."""
+    metadata, template = job["metadata"], job["spec"]["template"]
+    name, uid = metadata["name"], metadata["uid"]
+    labels = {**(template.get("metadata") or {}).get("labels", {}), JOB_NAME_LABEL: name, JOB_UID_LABEL: uid}
+    owner = {"apiVersion": "batch/v1", "kind": "Job", "name": name, "uid": uid, "controller": True, "blockOwnerDeletion": True}
+    return {
+        "metadata": {"generateName": f"{name}-", "labels": labels, "ownerReferences": [owner]},
+        "spec": copy.deepcopy(template["spec"]),
+    }
+
+
+def job_finished(condition: str, reason: str | None = None, message: str | None = None) -> dict[str, Any]:
+    """A Job's status as the Job controller reports its end: condition Complete, or Failed with its
+    reason (BackoffLimitExceeded, DeadlineExceeded, PodFailurePolicy) and message."""
+    if condition not in ("Complete", "Failed"):
+        raise ValueError(f"a Job ends Complete or Failed, not {condition!r}")
+    # Since Kubernetes 1.31 the controller sets SuccessCriteriaMet / FailureTarget first.
+    first = "SuccessCriteriaMet" if condition == "Complete" else "FailureTarget"
+    reason = reason or ("CompletionsReached" if condition == "Complete" else "BackoffLimitExceeded")
+    conditions = [
+        {"type": kind, "status": "True", "reason": reason, "message": message or reason, "lastTransitionTime": now()}
+        for kind in (first, condition)
+    ]
+    counts = {"succeeded": 1} if condition == "Complete" else {"failed": 1}
+    return {"conditions": conditions, "startTime": now(), "completionTime": now(), **counts}
+
+
 # ------------------------------------------------------------------------------ the API server
 
 
@@ -548,6 +586,16 @@ class KubeEmulator(kmock.KubernetesScaffold):
         pod = self._existing(PODS, namespace, name)
         status = pod_status(pod, phase, containers, reason, message)
         return self._update(PODS, namespace, name, lambda old: {**old, "status": status}, "status")
+
+    # -------------------------------------------------------------------------- the Job controller's side
+
+    def start_job_pod(self, namespace: str, job_name: str) -> dict[str, Any]:
+        """Create the next pod of a Job, as the Job controller would (see job_pod); returns it."""
+        return self.create_object(PODS, job_pod(self._existing(JOBS, namespace, job_name)), namespace)
+
+    def set_job_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> dict[str, Any]:
+        """Report a Job's status as its controller would (see job_finished); returns the Job."""
+        return self._update(JOBS, namespace, name, lambda old: {**old, "status": copy.deepcopy(dict(status))}, "status")
 
     # -------------------------------------------------------------------------- storage
 

@@ -32,6 +32,7 @@ from fixtures_s3 import (  # noqa: F401 (fixtures)
 from kill_trial import child_env, differences, run_to_end, run_with_kills, train_command
 
 from grpo_trainer.checkpoint import (
+    EVALUATION_MARGIN_SECONDS,
     MANIFEST,
     CheckpointError,
     CheckpointStore,
@@ -39,6 +40,8 @@ from grpo_trainer.checkpoint import (
     find_checkpoint,
     split_checkpoint_uri,
 )
+from grpo_trainer.scores import SCORES_FILE, evaluation_prefix, scores_json
+from grpo_trainer.spec import BenchmarkScore, EvaluationSpec
 from grpo_trainer.storage import Storage, StorageError, open_storage
 from grpo_trainer.termination import Outcome, TerminationMessage
 
@@ -58,8 +61,9 @@ def staged(root: Path, step: int) -> Path:
     return folder
 
 
-def save(store: CheckpointStore, tmp_path: Path, step: int, score: float | None = None, keep_last: int = 10):
-    return store.upload(staged(tmp_path, step), step, world_size=1, score=score, keep_last=keep_last)
+def save(store: CheckpointStore, tmp_path: Path, step: int, score: float | None = None, keep_last: int = 10,
+         evaluation: EvaluationSpec | None = None):
+    return store.upload(staged(tmp_path, step), step, world_size=1, score=score, keep_last=keep_last, evaluation=evaluation)
 
 
 def steps(store: CheckpointStore) -> list[int]:
@@ -130,6 +134,68 @@ def test_pruning_keeps_the_newest_and_the_best_and_clears_leftovers(storage: Sto
     assert steps(store) == [6, 5, 2]  # the newest two and the best (0.9)
     folders = {obj.key.split("/")[1] for obj in storage.list_objects("checkpoints")}
     assert folders == {"step-00000002", "step-00000005", "step-00000006", "step-00000007"}
+
+
+EVERY = EvaluationSpec(checkpoints="every", benchmarks=["aime24", "math500"], deadline_seconds=3600)
+
+
+def evaluated(storage: Storage, step: int, **scores: float) -> None:
+    """What grpo eval leaves when it has evaluated checkpoint ``step``: scores.json, written last."""
+    rows = [BenchmarkScore(benchmark=b, checkpoint_step=step, score=v, n=30) for b, v in scores.items()]
+    storage.put_bytes(f"{evaluation_prefix(step)}/aime24.jsonl", b"{}\n")
+    storage.put_bytes(f"{evaluation_prefix(step)}/{SCORES_FILE}", scores_json(rows))
+
+
+def test_pruning_keeps_checkpoints_awaiting_evaluation_for_a_bounded_time_and_the_best_evaluated(tmp_path: Path, caplog) -> None:
+    storage = open_storage(f"file://{tmp_path / 'store'}")
+    store = CheckpointStore(storage)
+    for step, reward in [(1, 0.1), (2, 0.9), (3, 0.2), (4, 0.3), (5, 0.3), (6, 0.3)]:
+        save(store, tmp_path, step, reward)
+    evaluated(storage, 1, aime24=0.5, math500=0.9)  # the best by the mean: 0.7
+    evaluated(storage, 3, aime24=0.6, math500=0.4)  # the best on aime24
+    storage.put_bytes(f"{evaluation_prefix(4)}/{SCORES_FILE}", b"{not json")  # still being written, or broken
+    written = max(manifest.created for manifest in store.manifests())
+
+    # 4 and 5 await their evaluation; 6 is the newest, 2 the best by reward, 1 the best evaluated.
+    store.prune(keep_last=1, evaluation=EVERY, now=written + 60)
+    assert steps(store) == [6, 5, 4, 2, 1]
+    assert f"skipping an evaluation: {storage.uri_for(evaluation_prefix(4))}/{SCORES_FILE}: not a valid" in caplog.text
+
+    # Evaluations that failed for good never write scores.json: once their Job must have ended, the
+    # checkpoints go as any other would.
+    store.prune(keep_last=1, evaluation=EVERY, now=written + EVERY.deadline_seconds + EVALUATION_MARGIN_SECONDS - 1)
+    assert steps(store) == [6, 5, 4, 2, 1]
+    store.prune(keep_last=1, evaluation=EVERY, now=written + EVERY.deadline_seconds + EVALUATION_MARGIN_SECONDS)
+    assert steps(store) == [6, 2, 1]
+
+    # The best evaluated checkpoint follows selectBy, among those still there (3 is gone).
+    late = written + 10 * EVERY.deadline_seconds
+    evaluated(storage, 6, aime24=0.8, math500=0.0)
+    save(store, tmp_path, 7, 0.1)
+    evaluated(storage, 7, aime24=0.0, math500=0.0)
+    store.prune(keep_last=1, evaluation=EVERY.model_copy(update={"select_by": "aime24"}), now=late)
+    assert steps(store) == [7, 6, 2], "6 is the best on aime24 (0.8), though 1 has the better mean (0.7 to 0.4)"
+    store.prune(keep_last=1, evaluation=EVERY, now=late)
+    assert steps(store) == [7, 6, 2]
+    assert sorted(store.evaluations()) == [1, 3, 6, 7], "evaluation results are never pruned"
+
+
+@pytest.mark.parametrize("evaluation", [EVERY.model_copy(update={"checkpoints": "final"}), EVERY.model_copy(update={"benchmarks": []}), None])
+def test_pruning_keeps_nothing_for_evaluation_unless_every_checkpoint_is_evaluated(tmp_path: Path, evaluation) -> None:
+    storage = open_storage(f"file://{tmp_path / 'store'}")
+    store = CheckpointStore(storage)
+    for step in (1, 2, 3):
+        save(store, tmp_path, step, keep_last=1, evaluation=evaluation)
+    evaluated(storage, 1, aime24=0.9, math500=0.9)
+    store.prune(keep_last=1, evaluation=evaluation)
+    assert steps(store) == [3]
+
+
+def test_upload_prunes_with_the_evaluation_it_is_given(tmp_path: Path) -> None:
+    store = CheckpointStore(open_storage(f"file://{tmp_path / 'store'}"))
+    for step in (1, 2, 3):
+        save(store, tmp_path, step, keep_last=1, evaluation=EVERY)
+    assert steps(store) == [3, 2, 1], "each awaits its evaluation"
 
 
 def test_a_save_whose_manifest_never_lands_is_ignored(bucket: str, fault_proxy: FaultProxy, tmp_path: Path) -> None:

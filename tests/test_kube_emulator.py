@@ -18,6 +18,8 @@ from kube_emulator import (
     CRDS,
     EVENTS,
     GRPORUNS,
+    JOB_NAME_LABEL,
+    JOBS,
     NAMESPACES,
     PODS,
     ROLEBINDINGS,
@@ -27,6 +29,7 @@ from kube_emulator import (
     KubeEmulator,
     eventually,
     fast_settings,
+    job_finished,
     label_selector,
     merge_patch,
     resource_path,
@@ -384,7 +387,7 @@ async def test_discovery_lists_every_served_resource_as_kopf_reads_it(kube: Kube
 
     expected = {
         NAMESPACES: (False, "Namespace"), EVENTS: (True, "Event"), CONFIGMAPS: (True, "ConfigMap"),
-        SERVICEACCOUNTS: (True, "ServiceAccount"), PODS: (True, "Pod"), ROLES: (True, "Role"),
+        SERVICEACCOUNTS: (True, "ServiceAccount"), PODS: (True, "Pod"), JOBS: (True, "Job"), ROLES: (True, "Role"),
         ROLEBINDINGS: (True, "RoleBinding"), CRDS: (False, "CustomResourceDefinition"), GRPORUNS: (True, "GRPORun"),
     }
     for resource, (namespaced, kind) in expected.items():
@@ -395,7 +398,7 @@ async def test_discovery_lists_every_served_resource_as_kopf_reads_it(kube: Kube
         assert (entry["namespaced"], entry["kind"]) == (namespaced, kind)
         assert {"get", "list", "watch", "create", "patch", "update", "delete"} <= set(entry["verbs"])
         subresources = {name.partition("/")[2] for name in entries if name.startswith(f"{resource.plural}/")}
-        assert subresources == ({"status"} if resource in (GRPORUNS, PODS, NAMESPACES, CRDS) else set())
+        assert subresources == ({"status"} if resource in (GRPORUNS, PODS, JOBS, NAMESPACES, CRDS) else set())
 
 
 # ------------------------------------------------------------------------------ faults, call counts
@@ -475,6 +478,44 @@ async def test_pod_status_is_reported_as_a_kubelet_would(kube: KubeEmulator):
         kube.set_pod_status("default", "run-0", "Failed", containers={"sidecar": terminated(1)})
     with pytest.raises(ValueError, match="phase"):
         kube.set_pod_status("default", "run-0", "Crashed")
+
+
+# ------------------------------------------------------------------------------ the Job controller's side
+
+
+@pytest.mark.asyncio
+async def test_jobs_are_served_and_their_pods_made_as_the_job_controller_makes_them(kube: KubeEmulator):
+    run = kube.create_object(GRPORUNS, RUN, "default")
+    template = {"metadata": {"labels": {"grpo.dev/run": "cpu-smollm2"}}, "spec": pod("x", "eval")["spec"]}
+    job = {"apiVersion": "batch/v1", "kind": "Job", "spec": {"template": template, "backoffLimit": 2},
+           "metadata": {"name": "eval-50", "ownerReferences": owner_references(run), "labels": {"grpo.dev/run": "cpu-smollm2"}}}
+    status, created = await call(kube, "POST", resource_path(JOBS, "default"), {**job, "status": {"failed": 9}})
+    assert status == 201 and "status" not in created, "status is written through its subresource only"
+
+    first, second = kube.start_job_pod("default", "eval-50"), kube.start_job_pod("default", "eval-50")
+    assert first["metadata"]["name"].startswith("eval-50-") and first["metadata"]["name"] != second["metadata"]["name"]
+    assert first["metadata"]["labels"] == {"grpo.dev/run": "cpu-smollm2", JOB_NAME_LABEL: "eval-50",
+                                           "batch.kubernetes.io/controller-uid": created["metadata"]["uid"]}
+    assert first["metadata"]["ownerReferences"][0] | {"controller": None, "blockOwnerDeletion": None} == {
+        "apiVersion": "batch/v1", "kind": "Job", "name": "eval-50", "uid": created["metadata"]["uid"],
+        "controller": None, "blockOwnerDeletion": None,
+    }
+    assert first["spec"] == template["spec"] and first["status"]["phase"] == "Pending"
+    kube.set_pod_status("default", first["metadata"]["name"], "Failed", containers={"eval": terminated(2)})
+
+    failed = kube.set_job_status("default", "eval-50", job_finished("Failed", "PodFailurePolicy", "exit code 2"))
+    assert [(c["type"], c["reason"]) for c in failed["status"]["conditions"]] == [
+        ("FailureTarget", "PodFailurePolicy"), ("Failed", "PodFailurePolicy")]
+    assert failed["spec"] == created["spec"]
+    status, listed = await call(kube, "GET", resource_path(JOBS, "default") + "?labelSelector=grpo.dev%2Frun%3Dcpu-smollm2")
+    assert [item["metadata"]["name"] for item in listed["items"]] == ["eval-50"]
+    with pytest.raises(ValueError, match="Complete or Failed"):
+        job_finished("Succeeded")
+
+    kube.delete_object(GRPORUNS, "default", "cpu-smollm2")
+    assert kube.read_object(JOBS, "default", "eval-50") is None
+    assert all(kube.read_object(PODS, "default", p["metadata"]["name"]) is None for p in (first, second)), \
+        "the run's Jobs go with it, and their pods with them"
 
 
 # ------------------------------------------------------------------------------ kopf end to end

@@ -27,12 +27,15 @@ from kube_emulator import (
     CONFIGMAPS,
     EVENTS,
     GRPORUNS,
+    JOB_NAME_LABEL,
+    JOBS,
     PODS,
     ROLEBINDINGS,
     ROLES,
     SERVICEACCOUNTS,
     KubeEmulator,
     eventually,
+    job_finished,
     running_operator,
     terminated,
     waiting,
@@ -41,9 +44,9 @@ from kube_emulator import (
 import grpo_operator.handlers  # noqa: F401  (registers the handlers with kopf's default registry)
 from grpo_operator import manifests, state
 from grpo_operator.cluster import FIELD_MANAGER, USER_AGENT, Cluster
-from grpo_operator.manifests import RUN_LABEL, pod_name
+from grpo_operator.manifests import RUN_LABEL, job_name, pod_name
 from grpo_trainer.cli import parser as grpo_parser
-from grpo_trainer.spec import GRPORunStatus
+from grpo_trainer.spec import BenchmarkScore, CheckpointRef, GRPORunStatus
 from grpo_trainer.termination import EXIT_INVALID, Outcome, TerminationMessage
 
 REPO = Path(__file__).resolve().parent.parent
@@ -489,6 +492,208 @@ async def test_an_operator_killed_anywhere_never_runs_two_pods_nor_loses_status(
     failures = sum(ending in RETRIED for ending in endings)
     assert (status["phase"], status["attempt"], status["restarts"]) == ("Succeeded", len(endings), failures)
     assert status["progress"]["step"] == 10 * len(endings), "the trainer's report survives"
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+EVALUATION = {"checkpoints": "final", "benchmarks": ["aime24", "math500"]}
+ROOT = "s3://grpo-checkpoints/cpu/run"
+
+
+def checkpoint(step: int) -> CheckpointRef:
+    return CheckpointRef(step=step, uri=f"{ROOT}/checkpoints/step-{step:08d}")
+
+
+def trained(kube: KubeEmulator, attempt: int, step: int = 60) -> None:
+    """The trainer completes at ``step``, naming its final checkpoint."""
+    said = TerminationMessage(Outcome.COMPLETED, step=step, checkpoint_uri=checkpoint(step).uri).to_json()
+    report(kube, attempt, "Succeeded", terminated(0, message=said))
+
+
+def saved(kube: KubeEmulator, step: int) -> None:
+    """What the trainer writes into its run's status after each checkpoint."""
+    latest = checkpoint(step).model_dump(mode="json", by_alias=True, exclude_none=True)
+    kube.patch_object(GRPORUNS, NS, "run", {"status": {"latestCheckpoint": latest}}, "status")
+
+
+def job_of(kube: KubeEmulator, step: int) -> dict[str, Any] | None:
+    return kube.read_object(JOBS, NS, job_name("run", step))
+
+
+def jobs_ever(kube: KubeEmulator) -> dict[str, int]:
+    """How many times each evaluation Job of the run was created."""
+    return {
+        name: sum(1 for a, b in itertools.pairwise([None, *obj.history]) if a is None and b is not None)
+        for (resource, _, name), obj in kube.objects.items() if resource == JOBS
+    }
+
+
+def evaluated_message(step: int, **scores: float) -> str:
+    rows = tuple(
+        BenchmarkScore(benchmark=benchmark, checkpoint_step=step, score=score, ci_low=score / 2, ci_high=(1 + score) / 2, n=30)
+        .model_dump(mode="json", by_alias=True, exclude_none=True)
+        for benchmark, score in scores.items()
+    )
+    return TerminationMessage(Outcome.EVALUATED, step=step, checkpoint_uri=checkpoint(step).uri, scores=rows).to_json()
+
+
+def evaluate(kube: KubeEmulator, step: int, **scores: float) -> None:
+    """The Job controller starts the Job's pod, grpo eval in it reports the scores, the Job completes."""
+    pod = kube.start_job_pod(NS, job_name("run", step))
+    kube.set_pod_status(NS, pod["metadata"]["name"], "Succeeded",
+                        containers={"eval": terminated(0, message=evaluated_message(step, **scores))})
+    kube.set_job_status(NS, job_name("run", step), job_finished("Complete"))
+
+
+def scores_of(status: dict[str, Any]) -> dict[tuple[int, str], float]:
+    return {(row["checkpointStep"], row["benchmark"]): row["score"] for row in status.get("evaluations", [])}
+
+
+@pytest.mark.asyncio
+async def test_a_trained_run_is_evaluated_then_succeeds_with_its_scores_and_best_checkpoint(kube: KubeEmulator):
+    storage = {"storage": "s3://grpo-checkpoints/cpu", "credentialsSecret": "s3-credentials"}
+    async with operator(kube):
+        kube.create_object(GRPORUNS, manifest(evaluation=EVALUATION, checkpoints=storage), NS)
+        await eventually(lambda: pod_of(kube, 1))
+        report(kube, 1, "Running")
+        await eventually(phase_is(kube, "Running"))
+        trained(kube, 1)
+        await eventually(phase_is(kube, "Evaluating"))
+        job = await eventually(lambda: job_of(kube, 60))
+        run = state.validate_body(run_of(kube))
+        assert without_server_fields(job) == manifests.evaluation_job(run, checkpoint(60))
+        command = job["spec"]["template"]["spec"]["containers"][0]["command"]
+        assert command[3:5] == ["eval", checkpoint(60).uri]
+        assert command[command.index("--output") + 1] == f"{ROOT}/evaluations/step-00000060"
+        account = kube.read_object(SERVICEACCOUNTS, NS, "run-eval")
+        assert without_server_fields(account) == manifests.evaluation_service_account(run)
+
+        pod = kube.start_job_pod(NS, job_name("run", 60))
+        kube.set_pod_status(NS, pod["metadata"]["name"], "Running")
+        await asyncio.sleep(0.3)
+        assert status_of(kube)["phase"] == "Evaluating" and "evaluating step 60" in status_of(kube)["message"]
+
+        kube.set_pod_status(NS, pod["metadata"]["name"], "Succeeded",
+                            containers={"eval": terminated(0, message=evaluated_message(60, aime24=0.3, math500=0.7))})
+        await eventually(phase_is(kube, "Succeeded"))
+        kube.set_job_status(NS, job_name("run", 60), job_finished("Complete"))  # after the pod: changes nothing
+        await eventually(lambda: ("Normal", "Evaluated") in events_of(kube))
+        await asyncio.sleep(0.2)
+
+    status = status_of(kube)
+    GRPORunStatus.model_validate(status)
+    assert scores_of(status) == {(60, "aime24"): 0.3, (60, "math500"): 0.7}
+    assert status["evaluations"][0] == {"benchmark": "aime24", "checkpointStep": 60, "score": 0.3, "ciLow": 0.15,
+                                        "ciHigh": 0.65, "n": 30, "samplesPerProblem": 1}
+    assert status["scores"] == {"aime24": 0.3, "math500": 0.7}
+    assert status["bestCheckpoint"] == {"step": 60, "uri": checkpoint(60).uri}
+    assert (condition(status, "Succeeded")["status"], condition(status, "Succeeded")["reason"]) == ("True", "Evaluated")
+    assert "completionTime" in status and not condition(status, "EvaluationFailed")
+    assert jobs_ever(kube) == {job_name("run", 60): 1}
+    assert events_of(kube)[-2:] in ([("Normal", "Evaluated")] * 2,)
+
+
+@pytest.mark.parametrize("failure", ["backoff limit", "bad input", "deadline"])
+@pytest.mark.asyncio
+async def test_a_failed_evaluation_is_a_condition_with_its_reason_and_the_run_still_succeeds(kube: KubeEmulator, failure):
+    async with operator(kube):
+        kube.create_object(GRPORUNS, manifest(evaluation=EVALUATION), NS)
+        await eventually(lambda: pod_of(kube, 1))
+        trained(kube, 1)
+        await eventually(lambda: job_of(kube, 60))
+        name = job_name("run", 60)
+        match failure:
+            case "backoff limit":  # every try crashes; the Job controller gives up after backoffLimit retries
+                for _ in range(manifests.EVALUATION_BACKOFF_LIMIT + 1):
+                    pod = kube.start_job_pod(NS, name)
+                    crash = terminated(1, message="Traceback ...\ntorch.OutOfMemoryError: CUDA out of memory")
+                    kube.set_pod_status(NS, pod["metadata"]["name"], "Failed", containers={"eval": crash})
+                ended = job_finished("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")
+            case "bad input":  # exit 2: podFailurePolicy fails the Job at once
+                pod = kube.start_job_pod(NS, name)
+                said = TerminationMessage(Outcome.INVALID, reason="CheckpointError", message="no complete checkpoint there")
+                kube.set_pod_status(NS, pod["metadata"]["name"], "Failed",
+                                    containers={"eval": terminated(EXIT_INVALID, message=said.to_json())})
+                ended = job_finished("Failed", "PodFailurePolicy", "Container eval for pod failed with exit code 2")
+            case "deadline":
+                pod = kube.start_job_pod(NS, name)
+                kube.set_pod_status(NS, pod["metadata"]["name"], "Running")
+                ended = job_finished("Failed", "DeadlineExceeded", "Job was active longer than specified deadline")
+        await asyncio.sleep(0.2)
+        assert status_of(kube)["phase"] == "Evaluating", "a failed pod the Job retries is no failed evaluation"
+        kube.set_job_status(NS, name, ended)
+        await eventually(phase_is(kube, "Succeeded"))
+        await eventually(lambda: ("Warning", ended["conditions"][-1]["reason"]) in events_of(kube))
+
+    status = status_of(kube)
+    failed = condition(status, "EvaluationFailed")
+    reason = {"backoff limit": "BackoffLimitExceeded", "bad input": "PodFailurePolicy", "deadline": "DeadlineExceeded"}[failure]
+    assert (failed["status"], failed["reason"]) == ("True", reason)
+    detail = {"backoff limit": "CUDA out of memory", "bad input": "no complete checkpoint there", "deadline": "deadline"}[failure]
+    assert "step 60" in failed["message"] and detail in failed["message"]
+    assert condition(status, "Succeeded")["status"] == "True" and not condition(status, "Failed")
+    assert status["evaluations"] == [] and "bestCheckpoint" not in status and "scores" not in status
+    assert jobs_ever(kube) == {name: 1}, "a failed evaluation is not tried again"
+
+
+@pytest.mark.asyncio
+async def test_every_checkpoint_is_evaluated_while_training_goes_on_and_no_score_is_lost(kube: KubeEmulator):
+    async with operator(kube):
+        kube.create_object(GRPORUNS, manifest(evaluation={**EVALUATION, "checkpoints": "every"}), NS)
+        await eventually(lambda: pod_of(kube, 1))
+        report(kube, 1, "Running")
+        await eventually(phase_is(kube, "Running"))
+        for step in (10, 20, 40):
+            saved(kube, step)
+            await eventually(lambda: job_of(kube, step))
+        evaluate(kube, 10, aime24=0.1, math500=0.1)
+        await eventually(lambda: status_of(kube).get("bestCheckpoint", {}).get("step") == 10)
+        assert status_of(kube)["phase"] == "Running"
+
+        # Two Jobs finish, and the trainer completes at 60 and reports its progress, all at the
+        # same moment, and the operator's first status patch after that fails: one writer, which
+        # reads every finished Job again on each pass, so nothing overwrites or loses anything.
+        fault = kube.fail(1, 500, verb="patch", resource="grporuns/status")
+        pods = {step: kube.start_job_pod(NS, job_name("run", step)) for step in (20, 40)}
+        saved(kube, 60)
+        for step, scores in ((20, {"aime24": 0.1, "math500": 0.4}), (40, {"aime24": 0.5, "math500": 0.6})):
+            kube.set_pod_status(NS, pods[step]["metadata"]["name"], "Succeeded",
+                                containers={"eval": terminated(0, message=evaluated_message(step, **scores))})
+        trained(kube, 1)
+        report_progress(kube, step=60)
+        await eventually(lambda: job_of(kube, 60))
+        await eventually(phase_is(kube, "Evaluating"))
+        evaluate(kube, 60, aime24=0.4, math500=0.6)
+        await eventually(phase_is(kube, "Succeeded"))
+
+    assert fault.times == 0
+    status = status_of(kube)
+    assert scores_of(status) == {(10, "aime24"): 0.1, (10, "math500"): 0.1, (20, "aime24"): 0.1, (20, "math500"): 0.4,
+                                 (40, "aime24"): 0.5, (40, "math500"): 0.6, (60, "aime24"): 0.4, (60, "math500"): 0.6}
+    assert status["bestCheckpoint"] == {"step": 40, "uri": checkpoint(40).uri}
+    assert status["scores"] == {"aime24": 0.5, "math500": 0.6}
+    assert status["progress"]["step"] == 60 and status["latestCheckpoint"]["step"] == 60, "the trainer's fields stay its own"
+    assert jobs_ever(kube) == {job_name("run", step): 1 for step in (10, 20, 40, 60)}, "one Job per checkpoint"
+    writes = [r for r in kube if r.headers.get("User-Agent") == USER_AGENT and r.resource == GRPORUNS and r.subresource == "status"]
+    assert writes and all(set(r.data["status"]) <= {"phase", "conditions", "observedGeneration", "attempt", "restarts",
+                                                    "startTime", "completionTime", "message", "evaluations", "scores",
+                                                    "bestCheckpoint"} for r in writes)
+
+
+@pytest.mark.asyncio
+async def test_deleting_a_run_deletes_its_evaluation_jobs_and_their_pods(kube: KubeEmulator):
+    async with operator(kube):
+        kube.create_object(GRPORUNS, manifest(evaluation=EVALUATION), NS)
+        await eventually(lambda: pod_of(kube, 1))
+        trained(kube, 1)
+        await eventually(lambda: job_of(kube, 60))
+        pod = kube.start_job_pod(NS, job_name("run", 60))
+        assert pod["metadata"]["labels"][JOB_NAME_LABEL] == job_name("run", 60)
+        kube.delete_object(GRPORUNS, NS, "run")
+        await eventually(lambda: run_of(kube) is None)
+
+    assert job_of(kube, 60) is None and kube.read_object(PODS, NS, pod["metadata"]["name"]) is None
+    assert kube.read_object(SERVICEACCOUNTS, NS, "run-eval") is None
 
 
 # ------------------------------------------------------------------------------ the command line

@@ -18,9 +18,10 @@ from kubernetes_validate.utils import all_versions, major_minor
 from packaging.version import Version
 
 from grpo_operator import manifests
-from grpo_operator.manifests import pod_name, resource_names
+from grpo_operator.manifests import job_name, pod_name, resource_names
 from grpo_trainer.cli import parser as grpo_parser
-from grpo_trainer.spec import DNS_LABEL_PATTERN, GRPORun
+from grpo_trainer.spec import DNS_LABEL_PATTERN, CheckpointRef, GRPORun
+from grpo_trainer.termination import EXIT_INVALID
 from grpo_trainer.validation import load_manifest, validate_manifest
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "exp2-open-rs.yaml"
@@ -57,6 +58,9 @@ VARIANTS = {
     "8-gpus-slow-checkpoint": {"resources": {"gpus": 8, "trainerGpus": 7, "vllmGpus": 1},
                                "checkpoints": {"preemptionGraceSeconds": 300}},
     "long-name": {"name": LONG_NAME},
+    "evaluation": {"evaluation": {"gpus": 2, "deadlineSeconds": 3600, "benchmarks": ["aime24", "math500"],
+                                  "samplesPerProblem": 8, "selectBy": "aime24"},
+                   "checkpoints": {"endpointUrl": "http://minio.storage:9000"}},
 }
 
 
@@ -70,6 +74,11 @@ def run(request) -> GRPORun:
     return variant(request.param)
 
 
+def checkpoint_of(run: GRPORun, step: int) -> CheckpointRef:
+    """A checkpoint of the run as the trainer reports it."""
+    return CheckpointRef(step=step, uri=manifests.checkpoint_uri(run, step))
+
+
 def all_objects(run: GRPORun, attempt: int = 0) -> list[dict]:
     return [
         manifests.config_map(run),
@@ -77,6 +86,8 @@ def all_objects(run: GRPORun, attempt: int = 0) -> list[dict]:
         manifests.role(run),
         manifests.role_binding(run),
         manifests.pod(run, attempt=attempt),
+        manifests.evaluation_service_account(run),
+        manifests.evaluation_job(run, checkpoint_of(run, 500)),
     ]
 
 
@@ -112,6 +123,14 @@ def test_every_object_is_valid_for_the_kubernetes_version(version):
 
 def test_versions_cover_1_29_to_the_newest_schema():
     assert VERSIONS[0] == "1.29" and VERSIONS[-1] == major_minor(all_versions()[-1]) and len(VERSIONS) >= 9
+
+
+def test_the_validator_catches_a_malformed_job():
+    job = manifests.evaluation_job(variant("exp2"), checkpoint_of(variant("exp2"), 50))
+    job["spec"]["podFailurePolicy"]["rules"][0]["action"] = "Fail"
+    job["spec"]["template"]["spec"]["containers"][0]["terminationMessagePolicyy"] = "File"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(job, VERSIONS[-1], strict=True)
 
 
 def test_the_validator_catches_a_malformed_pod():
@@ -343,3 +362,109 @@ def test_builders_return_fresh_objects():
     first["spec"]["containers"][0]["volumeMounts"][-1]["mountPath"] = "/elsewhere"
     first["spec"]["initContainers"][0]["securityContext"]["readOnlyRootFilesystem"] = False
     assert manifests.pod(run, attempt=0) != first
+
+
+# ---------------------------------------------------------------------------------- evaluation
+
+EVAL_FLAGS = {"--benchmarks", "--samples-per-problem", "--temperature", "--top-p", "--max-new-tokens", "--output",
+              "--backend", "--gpus", "--endpoint-url"}
+"""grpo eval's flags, each taking a value, as the evaluation branch defines them."""
+
+
+def eval_args(job: dict) -> tuple[str, dict[str, str]]:
+    """The checkpoint URI and the flags of the Job's ``grpo eval``, checked against EVAL_FLAGS."""
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    command = container["command"]
+    assert command[:4] == ["python", "-m", "grpo_trainer.cli", "eval"]
+    uri, rest = command[4], command[5:]
+    flags = dict(zip(rest[::2], rest[1::2], strict=True))
+    assert set(flags) <= EVAL_FLAGS and len(flags) == len(rest) // 2, rest
+    return uri, flags
+
+
+@pytest.mark.parametrize("name", ["open-rs-exp2", LONG_NAME, "a" * 51 + "-" + "b" * 11])
+@pytest.mark.parametrize("step", [0, 50, 12345678])
+def test_job_name_is_a_dns_label_unique_per_run_and_step(name, step):
+    got = job_name(name, step)
+    assert len(got) <= 63 and re.fullmatch(DNS_LABEL_PATTERN, got), got
+    assert got.endswith(f"-eval-{step}") and got != job_name(name, step + 1) != pod_name(name, step)
+    if len(name) + len(f"-eval-{step}") <= 63:
+        assert got == f"{name}-eval-{step}"
+    with pytest.raises(ValueError, match="step"):
+        job_name(name, -1)
+
+
+def test_evaluation_job_runs_grpo_eval_on_the_checkpoint_as_the_spec_says():
+    run = variant("evaluation")
+    checkpoint = checkpoint_of(run, 150)
+    job = manifests.evaluation_job(run, checkpoint)
+    uri, flags = eval_args(job)
+    assert uri == "s3://grpo-checkpoints/open-rs/open-rs-exp2/checkpoints/step-00000150" == checkpoint.uri
+    assert flags == {
+        "--benchmarks": "aime24,math500", "--samples-per-problem": "8", "--temperature": "0.6", "--top-p": "0.95",
+        "--max-new-tokens": "32768", "--output": "s3://grpo-checkpoints/open-rs/open-rs-exp2/evaluations/step-00000150",
+        "--backend": "vllm", "--gpus": "2", "--endpoint-url": "http://minio.storage:9000",
+    }
+    assert "--endpoint-url" not in eval_args(manifests.evaluation_job(variant("exp2"), checkpoint))[1]
+    metadata = job["metadata"]
+    assert metadata["name"] == job_name("open-rs-exp2", 150)
+    assert metadata["labels"] == {**manifests.run_labels("open-rs-exp2"), "grpo.dev/evaluation-step": "150"}
+    assert job["spec"]["template"]["metadata"]["labels"] == metadata["labels"], "its pods wake the run's loop"
+    assert metadata["annotations"] == {"grpo.dev/checkpoint-uri": checkpoint.uri}
+
+
+@pytest.mark.parametrize(
+    ("reported", "model", "output"),
+    [
+        # A file:// store's path as the trainer resolved it in its pod.
+        ("file:///data/runs/r/checkpoints/step-00000050", "file:///data/runs/r/checkpoints/step-00000050",
+         "file:///data/runs/r/evaluations/step-00000050"),
+        ("s3://b/p/r/checkpoints/step-00000050/", "s3://b/p/r/checkpoints/step-00000050/", "s3://b/p/r/evaluations/step-00000050"),
+        # A report that names no checkpoint of this step: the spec's own location.
+        ("", "s3://grpo-checkpoints/open-rs/open-rs-exp2/checkpoints/step-00000050",
+         "s3://grpo-checkpoints/open-rs/open-rs-exp2/evaluations/step-00000050"),
+        ("s3://b/p/r/checkpoints/step-00000049", "s3://grpo-checkpoints/open-rs/open-rs-exp2/checkpoints/step-00000050",
+         "s3://grpo-checkpoints/open-rs/open-rs-exp2/evaluations/step-00000050"),
+    ],
+)
+def test_evaluation_reads_the_checkpoint_the_trainer_reported_and_writes_beside_it(reported, model, output):
+    uri, flags = eval_args(manifests.evaluation_job(variant("exp2"), CheckpointRef(step=50, uri=reported)))
+    assert (uri, flags["--output"]) == (model, output)
+
+
+def test_evaluation_job_runs_on_the_runs_nodes_with_its_credentials_and_retries_within_bounds():
+    run = variant("scheduling")
+    job = manifests.evaluation_job(run, checkpoint_of(run, 50))
+    spec, trainer_pod = job["spec"]["template"]["spec"], manifests.pod(run, attempt=0)["spec"]
+    (container,) = spec["containers"]
+    trainer, _ = trainer_and_sidecar(manifests.pod(run, attempt=0))
+    for key in ("nodeSelector", "tolerations", "priorityClassName", "securityContext"):
+        assert spec[key] == trainer_pod[key], key
+    assert container["image"] == run.spec.resources.images.vllm
+    assert container["resources"] == {"requests": {"nvidia.com/gpu": "1"}, "limits": {"nvidia.com/gpu": "1"}}
+    aws = {name: entry for name, entry in env_of(container).items() if name.startswith("AWS_")}
+    assert aws == {name: entry for name, entry in env_of(trainer).items() if name.startswith("AWS_")} and aws
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    volumes = {volume["name"]: volume for volume in spec["volumes"]}
+    writable = {m["mountPath"] for m in container["volumeMounts"] if "emptyDir" in volumes[m["name"]]}
+    assert {"/tmp", "/dev/shm", env_of(container)["HOME"]["value"]} <= writable
+    assert "nodeSelector" not in manifests.evaluation_job(variant("any-gpu"), checkpoint_of(run, 50))["spec"]["template"]["spec"]
+
+    assert spec["restartPolicy"] == "Never"
+    assert job["spec"]["backoffLimit"] == manifests.EVALUATION_BACKOFF_LIMIT == 2
+    assert job["spec"]["activeDeadlineSeconds"] == run.spec.evaluation.deadline_seconds == 21600
+    assert manifests.evaluation_job(variant("evaluation"), checkpoint_of(run, 50))["spec"]["activeDeadlineSeconds"] == 3600
+    fail_at_once, not_counted = job["spec"]["podFailurePolicy"]["rules"]
+    assert fail_at_once == {"action": "FailJob", "onExitCodes": {"containerName": "eval", "operator": "In", "values": [EXIT_INVALID]}}
+    assert not_counted == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+
+
+def test_evaluation_may_do_nothing_in_the_api(run):
+    job = manifests.evaluation_job(run, checkpoint_of(run, 50))
+    account = manifests.evaluation_service_account(run)
+    spec = job["spec"]["template"]["spec"]
+    assert spec["serviceAccountName"] == account["metadata"]["name"] == f"{run.metadata.name}-eval"
+    assert spec["automountServiceAccountToken"] is False and account["automountServiceAccountToken"] is False
+    assert account["metadata"]["name"] not in {subject["name"] for subject in manifests.role_binding(run)["subjects"]}
+

@@ -18,17 +18,21 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from grpo_operator.manifests import ATTEMPT_LABEL, RUN_LABEL, pod_name
+from grpo_operator.manifests import ATTEMPT_LABEL, CHECKPOINT_ANNOTATION, EVALUATION_LABEL, RUN_LABEL, job_name, pod_name
 from grpo_operator.state import (
     ABSENT,
     Decision,
+    EvaluationObservation,
+    EvaluationState,
     PodState,
     backoff_delay,
     decide,
+    observe_evaluations,
     observe_pod,
     validate_body,
+    watches_evaluations,
 )
-from grpo_trainer.spec import EvaluationSpec, GRPORun, GRPORunSpec, GRPORunStatus
+from grpo_trainer.spec import BENCHMARKS, BenchmarkScore, CheckpointRef, EvaluationSpec, GRPORun, GRPORunSpec, GRPORunStatus
 from grpo_trainer.termination import EXIT_INVALID, MAX_BYTES, Outcome, TerminationMessage
 from grpo_trainer.validation import FieldError, load_manifest
 
@@ -407,6 +411,239 @@ def test_backoff_doubles_from_10_seconds_up_to_5_minutes():
     assert backoff_delay(10**9) == timedelta(minutes=5)
 
 
+# ------------------------------------------------------------------------------ evaluation Jobs
+
+CHECKPOINTS = "s3://grpo-checkpoints/open-rs/open-rs-exp2/checkpoints"
+EVERY = make_spec(evaluation=EvaluationSpec(checkpoints="every", benchmarks=["aime24", "math500"]))
+BY_AIME = make_spec(evaluation=EvaluationSpec(benchmarks=["aime24", "math500"], select_by="aime24"))
+TWO = make_spec(evaluation=EvaluationSpec(benchmarks=["aime24", "math500"]))
+
+
+def job(step: int, *conditions: tuple[str, str, str]):
+    """An evaluation Job as the API server returns it, with (type, reason, message) conditions."""
+    return {
+        "metadata": {"name": job_name(NAME, step), "uid": f"job-uid-{step}",
+                     "labels": {RUN_LABEL: NAME, EVALUATION_LABEL: str(step)},
+                     "annotations": {CHECKPOINT_ANNOTATION: f"{CHECKPOINTS}/step-{step:08d}"}},
+        "status": {"conditions": [{"type": kind, "status": "True", "reason": reason, "message": message}
+                                  for kind, reason, message in conditions]},
+    }
+
+
+def eval_pod(step: int, index: int = 0, *, phase="Running", state=None):
+    """A pod of the evaluation Job of ``step``, as the Job controller made it and the kubelet reports it."""
+    return {
+        "metadata": {"name": f"{job_name(NAME, step)}-{index}", "creationTimestamp": f"2025-05-01T13:0{index}:00Z",
+                     "labels": {RUN_LABEL: NAME, EVALUATION_LABEL: str(step)},
+                     "ownerReferences": [{"kind": "Job", "name": job_name(NAME, step), "uid": f"job-uid-{step}"}]},
+        "status": {"phase": phase, "containerStatuses": [{"name": "eval", "state": state or running()}]},
+    }
+
+
+def rows(step: int, **values: float) -> list[dict]:
+    return [BenchmarkScore(benchmark=b, checkpoint_step=step, score=v, ci_low=max(v - 0.1, 0), ci_high=min(v + 0.1, 1), n=30,
+                           samples_per_problem=4).model_dump(mode="json", by_alias=True, exclude_none=True)
+            for b, v in values.items()]
+
+
+def evaluated(step: int, index: int = 0, **values: float):
+    message = said("evaluated", step=step, checkpoint_uri=f"{CHECKPOINTS}/step-{step:08d}", scores=tuple(rows(step, **values)))
+    return eval_pod(step, index, phase="Succeeded", state=terminated(0, message=message))
+
+
+FAILED_INVALID = said("invalid", reason="CheckpointError", message="no complete checkpoint there")
+
+
+@pytest.mark.parametrize(
+    ("jobs", "pods", "state", "reason", "says"),
+    [
+        pytest.param([job(50)], [], "Running", "Evaluating", "evaluating step 50", id="created"),
+        pytest.param([job(50)], [eval_pod(50)], "Running", "Evaluating", "evaluating step 50", id="pod running"),
+        pytest.param([job(50)], [eval_pod(50, phase="Failed", state=terminated(1, message=LOG_TAIL)), eval_pod(50, 1)],
+                     "Running", "Evaluating", "", id="retrying a crashed pod"),
+        pytest.param([job(50)], [evaluated(50, aime24=0.3)], "Succeeded", "Evaluated", "evaluated step 50",
+                     id="scores before the Job controller says Complete"),
+        pytest.param([job(50, ("Complete", "CompletionsReached", ""))], [evaluated(50, aime24=0.3)],
+                     "Succeeded", "Evaluated", "", id="complete"),
+        pytest.param([job(50, ("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit"))],
+                     [eval_pod(50, i, phase="Failed", state=terminated(137 if i else 1, "OOMKilled" if i else "", LOG_TAIL))
+                      for i in range(3)],
+                     "Failed", "BackoffLimitExceeded", "backoff limit; pod open-rs-exp2-eval-50-2 exited with code 137 (OOMKilled)",
+                     id="out of retries"),
+        pytest.param([job(50, ("Failed", "DeadlineExceeded", "Job was active longer than specified deadline"))], [eval_pod(50)],
+                     "Failed", "DeadlineExceeded", "longer than specified deadline", id="deadline"),
+        pytest.param([job(50, ("Failed", "PodFailurePolicy", "Container eval for pod x failed with exit code 2"))],
+                     [eval_pod(50, phase="Failed", state=terminated(EXIT_INVALID, message=FAILED_INVALID))],
+                     "Failed", "PodFailurePolicy", "exit code 2; pod open-rs-exp2-eval-50-0 exited with code 2 (Error): no complete",
+                     id="bad input fails at once"),
+        pytest.param([job(50, ("Complete", "CompletionsReached", ""))], [eval_pod(50, phase="Succeeded", state=terminated(0))],
+                     "Failed", "NoScores", "without a termination message", id="exit 0 without scores"),
+        pytest.param([job(50, ("Complete", "CompletionsReached", ""))], [evaluated(40, aime24=0.3) | {"metadata": eval_pod(50)["metadata"]}],
+                     "Failed", "InvalidScores", "scores of checkpoint step 40, not of step 50", id="scores of another checkpoint"),
+    ],
+)
+def test_observe_evaluations_classifies_jobs_by_their_conditions_and_their_pods(jobs, pods, state, reason, says):
+    stranger = evaluated(99, aime24=1.0) | {"metadata": {**eval_pod(99)["metadata"], "ownerReferences": []}}
+    unlabelled = {**job(7), "metadata": {**job(7)["metadata"], "labels": {RUN_LABEL: NAME}}}
+    (seen,) = observe_evaluations([*jobs, unlabelled], [*pods, stranger])
+    assert (seen.step, seen.name, seen.state, seen.reason) == (50, job_name(NAME, 50), EvaluationState(state), reason)
+    assert seen.checkpoint_uri == f"{CHECKPOINTS}/step-00000050"
+    assert says in seen.message
+    assert bool(seen.scores) == (state == "Succeeded")
+
+
+def test_watches_evaluations_only_while_jobs_may_exist_and_matter():
+    assert not watches_evaluations(NO_EVALUATION, GRPORunStatus(phase="Evaluating"))
+    assert not watches_evaluations(make_spec(evaluation=EvaluationSpec(benchmarks=[])), GRPORunStatus(phase="Evaluating"))
+    assert not watches_evaluations([FieldError("spec.x", "bad")], GRPORunStatus(phase="Evaluating"))
+    assert [watches_evaluations(SPEC, GRPORunStatus(phase=p)) for p in ("Running", "Evaluating", "Succeeded")] == [False, True, False]
+    assert [watches_evaluations(EVERY, GRPORunStatus(phase=p)) for p in ("Running", "Failed", "Succeeded")] == [True, True, False]
+
+
+def evaluating(spec=TWO):
+    """The stored status of a run that completed at step 500 and waits for its evaluation."""
+    status = replay(spec, RUNNING)
+    return decide(spec, status, observe_pod(completed()), generation=1, now=T0 + timedelta(hours=2)).status
+
+
+def decide_at(spec, status, pod_body=None, jobs=(), pods=(), hours=3):
+    return decide(spec, status, observe_pod(pod_body), generation=1, now=T0 + timedelta(hours=hours),
+                  evaluations=observe_evaluations(jobs, pods))
+
+
+def test_a_completed_run_evaluates_its_final_checkpoint_then_succeeds_with_its_scores():
+    status = replay(TWO, RUNNING)
+    done = decide_at(TWO, status, completed(), hours=2)
+    assert done.status.phase == "Evaluating" and done.create_jobs == (CheckpointRef(step=500, uri=""),)
+    assert [event.reason for event in done.events] == ["TrainingCompleted"]
+    assert "evaluating step 500 on aime24, math500" in done.status.message and done.status.completion_time is None
+
+    again = decide_at(TWO, done.status, completed(), jobs=[job(500)], pods=[eval_pod(500)])
+    assert (again.status.phase, again.create_jobs, again.events) == ("Evaluating", (), ())
+
+    finished = decide_at(TWO, done.status, completed(), jobs=[job(500)], pods=[evaluated(500, aime24=0.3, math500=0.8)])
+    new = finished.status
+    assert new.phase == "Succeeded" and new.completion_time == T0 + timedelta(hours=3)
+    assert [(s.benchmark, s.checkpoint_step, s.score, s.n, s.samples_per_problem) for s in new.evaluations] == [
+        ("aime24", 500, 0.3, 30, 4), ("math500", 500, 0.8, 30, 4)]
+    assert new.evaluations[0].ci_low == pytest.approx(0.2) and new.evaluations[0].ci_high == pytest.approx(0.4)
+    assert new.best_checkpoint == CheckpointRef(step=500, uri=f"{CHECKPOINTS}/step-00000500")
+    assert (new.scores.aime24, new.scores.math500, new.scores.amc23) == (0.3, 0.8, None)
+    succeeded = next(c for c in new.conditions if c.type == "Succeeded")
+    assert (succeeded.status, succeeded.reason) == ("True", "Evaluated")
+    assert "best checkpoint: step 500 (aime24 0.300, math500 0.800)" in succeeded.message
+    assert [(e.type, e.reason) for e in finished.events] == [("Normal", "Evaluated"), ("Normal", "Evaluated")]
+    assert not any(c.type == "EvaluationFailed" for c in new.conditions)
+
+    # Later passes: the Job and its pod as before, or gone; the scores stay.
+    for jobs, pods in (([job(500)], [evaluated(500, aime24=0.3, math500=0.8)]), ([], [])):
+        later = decide_at(TWO, new, completed(), jobs=jobs, pods=pods, hours=4)
+        assert later.status == new and later.events == () and later.create_jobs == ()
+
+
+@pytest.mark.parametrize(
+    ("ended", "reason"),
+    [
+        (job(500, ("Failed", "DeadlineExceeded", "Job was active longer than specified deadline")), "DeadlineExceeded"),
+        (job(500, ("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")), "BackoffLimitExceeded"),
+        (job(500, ("Failed", "PodFailurePolicy", "exit code 2")), "PodFailurePolicy"),
+    ],
+)
+def test_a_failed_evaluation_is_a_condition_and_the_trained_run_still_succeeds(ended, reason):
+    decision = decide_at(TWO, evaluating(), completed(), jobs=[ended])
+    new = decision.status
+    assert new.phase == "Succeeded" and new.evaluations == [] and new.best_checkpoint is None and new.scores is None
+    failed = next(c for c in new.conditions if c.type == "EvaluationFailed")
+    assert (failed.status, failed.reason) == ("True", reason) and "step 500" in failed.message
+    assert next(c for c in new.conditions if c.type == "Succeeded").status == "True"
+    assert not any(c.type == "Failed" for c in new.conditions)
+    assert [(e.type, e.reason) for e in decision.events] == [("Warning", "Evaluated"), ("Warning", reason)]
+    assert decide_at(TWO, new, completed(), jobs=[ended], hours=4).events == (), "reported once"
+
+
+def test_many_failed_evaluations_fit_a_condition():
+    jobs = [job(step, ("Failed", "DeadlineExceeded", "x" * 900)) for step in range(100, 10_100, 100)]
+    long_tail = said("invalid", reason="CheckpointError", message="y" * 5000)
+    pods = [eval_pod(step, phase="Failed", state=terminated(EXIT_INVALID, message=long_tail)) for step in range(100, 10_100, 100)]
+    new = decide_at(EVERY, replay(EVERY, RUNNING), training(), jobs=jobs, pods=pods).status
+    failed = next(c for c in new.conditions if c.type == "EvaluationFailed")
+    assert failed.message.startswith("100 evaluations failed, the last 5: step 9600:") and len(failed.message) < 32768
+
+
+def test_a_deleted_evaluation_job_is_created_again():
+    decision = decide_at(TWO, evaluating(), completed(), jobs=[])
+    assert decision.status.phase == "Evaluating" and [c.step for c in decision.create_jobs] == [500]
+
+
+def test_every_checkpoint_gets_one_job_while_training_goes_on():
+    status = replay(EVERY, RUNNING)
+    at_100 = status.model_copy(update={"latest_checkpoint": CheckpointRef(step=100, uri=f"{CHECKPOINTS}/step-00000100")})
+    first = decide_at(EVERY, at_100, training())
+    assert first.status.phase == "Running" and first.create_jobs == (at_100.latest_checkpoint.model_copy(),)
+    assert decide_at(EVERY, first.status, training(), jobs=[job(100)]).create_jobs == ()
+
+    # Scores arrive while the trainer goes on; a score stored earlier that the read missed is not lost.
+    scored = decide_at(EVERY, first.status, training(), jobs=[job(100)], pods=[evaluated(100, aime24=0.2, math500=0.6)])
+    assert scored.status.phase == "Running" and scored.status.best_checkpoint.step == 100
+    assert [(e.reason, e.message) for e in scored.events] == [("Evaluated", "checkpoint step 100: aime24 0.200, math500 0.600")]
+
+    at_200 = scored.status.model_copy(update={"latest_checkpoint": CheckpointRef(step=200, uri=f"{CHECKPOINTS}/step-00000200")})
+    second = decide_at(EVERY, at_200, training(), jobs=[job(100)])
+    assert [c.step for c in second.create_jobs] == [200] and second.status.evaluations == scored.status.evaluations
+
+    # The trainer completes at 300 while 200 is still evaluated: both are waited for.
+    jobs = [job(100), job(200)]
+    pods = [evaluated(100, aime24=0.2, math500=0.6), eval_pod(200)]
+    done = decide_at(EVERY, second.status, completed(), jobs=jobs, pods=pods)
+    assert done.status.phase == "Evaluating" and [c.step for c in done.create_jobs] == [500]
+    assert "evaluating step 200, step 500" in done.status.message
+    jobs.append(job(500))
+    pods = [evaluated(100, aime24=0.2, math500=0.6), evaluated(200, aime24=0.5, math500=0.7), evaluated(500, aime24=0.4, math500=0.7)]
+    finished = decide_at(EVERY, done.status, completed(), jobs=jobs, pods=pods)
+    assert finished.status.phase == "Succeeded" and finished.status.best_checkpoint.step == 200
+    assert sorted({s.checkpoint_step for s in finished.status.evaluations}) == [100, 200, 500]
+
+
+def test_a_checkpoint_evaluated_already_is_not_evaluated_again():
+    status = replay(EVERY, RUNNING).model_copy(update={"latest_checkpoint": CheckpointRef(step=500, uri="")})
+    jobs, pods = [job(500)], [evaluated(500, aime24=0.2, math500=0.6)]
+    scored = decide_at(EVERY, status, training(), jobs=jobs, pods=pods)
+    done = decide_at(EVERY, scored.status, completed(), jobs=jobs, pods=pods)
+    assert (done.status.phase, done.create_jobs) == ("Succeeded", ())  # the final checkpoint is the one evaluated
+    assert decide_at(EVERY, scored.status, completed()).create_jobs == (), "nor once its Job is gone"
+
+
+def test_a_failed_run_starts_no_evaluation_but_keeps_the_scores_of_those_that_end():
+    status = replay(EVERY, RUNNING).model_copy(update={"latest_checkpoint": CheckpointRef(step=100, uri="")})
+    failed = decide_at(EVERY, status, invalid_input(), jobs=[job(50)], pods=[eval_pod(50)])
+    assert failed.status.phase == "Failed" and failed.create_jobs == ()
+    later = decide_at(EVERY, failed.status, invalid_input(), jobs=[job(50)], pods=[evaluated(50, aime24=0.1, math500=0.2)])
+    assert later.status.phase == "Failed" and [s.checkpoint_step for s in later.status.evaluations] == [50, 50]
+
+
+def test_the_best_checkpoint_follows_select_by():
+    jobs = [job(100), job(200)]
+    pods = [evaluated(100, aime24=0.2, math500=0.9), evaluated(200, aime24=0.4, math500=0.6)]
+    by_mean = decide_at(TWO, evaluating(TWO), completed(), jobs=jobs, pods=pods).status
+    assert (by_mean.best_checkpoint.step, by_mean.scores.aime24) == (100, 0.2)  # mean 0.55 beats 0.5
+    by_aime = decide_at(BY_AIME, by_mean, completed(), jobs=jobs, pods=pods).status
+    assert (by_aime.best_checkpoint.step, by_aime.scores.aime24, by_aime.scores.math500) == (200, 0.4, 0.6)
+    assert by_aime.best_checkpoint.uri == f"{CHECKPOINTS}/step-00000200"
+
+
+def test_a_completed_trainer_that_names_no_checkpoint_succeeds_saying_so():
+    nameless = pod(1, "Succeeded", trainer=terminated(0, message=said("completed")))
+    decision = decide_at(TWO, replay(TWO, RUNNING), nameless)
+    assert decision.status.phase == "Succeeded" and decision.create_jobs == ()
+    failed = next(c for c in decision.status.conditions if c.type == "EvaluationFailed")
+    assert failed.reason == "NoCheckpoint"
+
+
+def test_evaluation_switched_off_while_evaluating_succeeds_at_once():
+    decision = decide_at(NO_EVALUATION, evaluating(), completed(), jobs=[job(500)], pods=[eval_pod(500)])
+    assert decision.status.phase == "Succeeded" and decision.create_jobs == ()
+
+
 # --------------------------------------------------------------------------------- validate_body
 
 
@@ -452,7 +689,8 @@ KUBELET = {
     "evict": evicted,
     "lose node": node_lost,
 }
-WORLD_EVENTS = st.sampled_from([*KUBELET, "vanish", "finish deletion", "suspend", "resume", "nothing"])
+JOBS_END = {"evaluated": "Succeeded", "evaluation failed": "Failed"}
+WORLD_EVENTS = st.sampled_from([*KUBELET, *JOBS_END, "vanish", "finish deletion", "suspend", "resume", "nothing"])
 # What happens, how many seconds pass, and whether the handler that reconciles next dies before it
 # patches the status (one time in five).
 HANDLER_DIES = st.integers(0, 4).map(lambda roll: roll == 0)
@@ -469,17 +707,20 @@ def _roundtrip(status: GRPORunStatus) -> GRPORunStatus:
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(steps=STEPS, max_restarts=st.integers(0, 3), evaluate=st.booleans())
+@given(steps=STEPS, max_restarts=st.integers(0, 3), evaluate=st.sampled_from(["none", "final", "every"]))
 def test_random_worlds_never_run_two_pods_nor_lose_count(steps, max_restarts, evaluate):
-    """Whatever the kubelet, the user and the operator's own crashes do, in whatever order, with a
-    reconcile after each: at most one live pod, no attempt recorded and created again, a live pod is
-    never counted as failed, restarts and attempt never go back, one condition per type, a finished
-    run stays finished, and the status survives the API server's round trip."""
-    evaluation = EvaluationSpec() if evaluate else EvaluationSpec(checkpoints="none")
+    """Whatever the kubelet, the evaluation Jobs, the user and the operator's own crashes do, in
+    whatever order, with a reconcile after each: at most one live pod, no attempt recorded and
+    created again, a live pod is never counted as failed, restarts and attempt never go back, one
+    condition per type, a finished run stays finished, a trained one is never Failed and succeeds
+    only once its evaluations are done, no score is lost, and the status survives the API server's
+    round trip."""
     spec = make_spec(
-        max_restarts=max_restarts, active_deadline_seconds=20_000, ttl_seconds_after_finished=100, evaluation=evaluation
+        max_restarts=max_restarts, active_deadline_seconds=20_000, ttl_seconds_after_finished=100,
+        evaluation=EvaluationSpec(checkpoints=evaluate),
     )
     pods: dict[int, dict] = {}
+    jobs: dict[int, str] = {}  # checkpoint step → the Job's phase
     recorded: set[int] = set()  # attempts whose pod the stored status says was created
     status, now, generation = GRPORunStatus(), T0, 1
     for event, seconds, handler_dies in steps:
@@ -496,13 +737,19 @@ def test_random_worlds_never_run_two_pods_nor_lose_count(steps, max_restarts, ev
                     body["status"] = {"phase": "gone"}
         elif event in ("suspend", "resume"):
             spec, generation = spec.model_copy(update={"suspend": event == "suspend"}), generation + 1
+        elif event in JOBS_END and "Running" in jobs.values():
+            jobs[min(step for step, phase in jobs.items() if phase == "Running")] = JOBS_END[event]
+        if event == "start" and newest is not None and evaluate == "every":  # it trained a while and saved
+            saved = (status.latest_checkpoint.step if status.latest_checkpoint else 0) + 100
+            status = status.model_copy(update={"latest_checkpoint": CheckpointRef(step=saved, uri="")})
 
         newest = max((attempt for attempt, body in pods.items() if body["status"]["phase"] != "gone"), default=None)
         visible = pods[newest] if newest is not None else None  # what the handler lists: the newest pod there is
-        decision = decide(spec, status, observe_pod(visible), generation=generation, now=now)
-        assert decision == decide(spec, status, observe_pod(visible), generation=generation, now=now)
-        _check(status, decision.status, visible, max_restarts)
-        _apply(decision, pods, recorded)
+        evaluations = _evaluation_jobs(jobs) if watches_evaluations(spec, status) else ()
+        decision = decide(spec, status, observe_pod(visible), generation=generation, now=now, evaluations=evaluations)
+        assert decision == decide(spec, status, observe_pod(visible), generation=generation, now=now, evaluations=evaluations)
+        _check(status, decision.status, visible, max_restarts, jobs)
+        _apply(decision, pods, recorded, jobs)
         assert sum(_live(body) for body in pods.values()) <= 1
         if decision.delete_run:
             return
@@ -512,7 +759,20 @@ def test_random_worlds_never_run_two_pods_nor_lose_count(steps, max_restarts, ev
                 recorded.add(status.attempt)
 
 
-def _apply(decision: Decision, pods: dict[int, dict], recorded: set[int]) -> None:
+def _evaluation_jobs(jobs: dict[int, str]) -> tuple[EvaluationObservation, ...]:
+    def scores(step):
+        return tuple(BenchmarkScore(benchmark=b, checkpoint_step=step, score=0.5, n=30) for b in BENCHMARKS)
+
+    return tuple(
+        EvaluationObservation(step, f"job-{step}", EvaluationState(phase), scores=scores(step) if phase == "Succeeded" else (),
+                              reason="" if phase == "Running" else "Evaluated" if phase == "Succeeded" else "DeadlineExceeded")
+        for step, phase in sorted(jobs.items())
+    )
+
+
+def _apply(decision: Decision, pods: dict[int, dict], recorded: set[int], jobs: dict[int, str]) -> None:
+    for checkpoint in decision.create_jobs:
+        jobs.setdefault(checkpoint.step, "Running")  # a repeated create: AlreadyExists
     if decision.create_pod is not None:
         assert not any(_live(body) for body in pods.values()), "created a pod beside a live one"
         assert pods.get(decision.create_pod, {"status": {"phase": "gone"}})["status"]["phase"] == "gone", "name taken"
@@ -525,17 +785,23 @@ def _apply(decision: Decision, pods: dict[int, dict], recorded: set[int]) -> Non
         body["metadata"]["deletionTimestamp"] = "2025-05-01T12:00:00Z"
 
 
-def _check(before: GRPORunStatus, after: GRPORunStatus, visible: dict | None, max_restarts: int) -> None:
+def _check(before: GRPORunStatus, after: GRPORunStatus, visible: dict | None, max_restarts: int, jobs: dict[int, str]) -> None:
     assert after.restarts >= before.restarts and after.attempt >= before.attempt
     assert after.restarts <= max_restarts + 1
     if after.restarts > before.restarts:
         assert visible is None or not _live(visible), "a live pod counted as a failure"
     kinds = [condition.type for condition in after.conditions]
     assert len(kinds) == len(set(kinds))
-    if before.phase in ("Evaluating", "Succeeded", "Failed"):
+    if before.phase in ("Succeeded", "Failed"):
         assert after.phase == before.phase
+    elif before.phase == "Evaluating":
+        assert after.phase in ("Evaluating", "Succeeded"), "a trained run never fails"
     elif after.phase in ("Evaluating", "Succeeded"):
         assert observe_pod(visible).state is PodState.COMPLETED
+    if after.phase == "Succeeded" and before.phase != "Succeeded":
+        assert "Running" not in jobs.values(), "succeeded before its evaluations ended"
+    kept = {(score.checkpoint_step, score.benchmark) for score in after.evaluations}
+    assert {(score.checkpoint_step, score.benchmark) for score in before.evaluations} <= kept, "a score was lost"
 
 
 # --------------------------------------------------------------------------- termination message

@@ -166,6 +166,8 @@ def test_defaults_are_the_open_rs_recipe():
     assert (run.resources.trainer_gpus, run.resources.vllm_gpus, run.resources.gpu_product) == (3, 1, "NVIDIA-A40")
     assert [(r.name, r.weight) for r in run.rewards] == [("format", 1.0), ("cosine", 2.0)]
     assert run.checkpoints.every_steps == 50
+    evaluation = run.evaluation
+    assert (evaluation.checkpoints, evaluation.select_by, evaluation.deadline_seconds, evaluation.enabled) == ("final", "mean", 21600, True)
     assert run.dataset.system_prompt == spec.OPEN_RS_SYSTEM_PROMPT
 
 
@@ -228,6 +230,11 @@ MALFORMED = [
     ("unknown-benchmark", "spec.evaluation.benchmarks", ["aime25"], "spec.evaluation.benchmarks[0]", "aime24", BOTH),
     ("repeated-benchmark", "spec.evaluation.benchmarks", ["aime24", "aime24"], "spec.evaluation.benchmarks", "repeat", BOTH),
     ("unknown-eval-checkpoints", "spec.evaluation.checkpoints", "best", "spec.evaluation.checkpoints", "final", BOTH),
+    ("select-by-unknown", "spec.evaluation.selectBy", "median", "spec.evaluation.selectBy", "mean", BOTH),
+    ("select-by-not-evaluated", "spec.evaluation", {"benchmarks": ["aime24"], "selectBy": "math500"},
+     "spec.evaluation.selectBy", "one of the benchmarks", BOTH),
+    ("short-eval-deadline", "spec.evaluation.deadlineSeconds", 10, "spec.evaluation.deadlineSeconds",
+     "greater than or equal to 60", BOTH),
     ("negative-restarts", "spec.maxRestarts", -1, "spec.maxRestarts", "greater than or equal to 0", BOTH),
     ("suspend-as-string", "spec.suspend", "true", "spec.suspend", "boolean", BOTH),
     ("zero-deadline", "spec.activeDeadlineSeconds", 0, "spec.activeDeadlineSeconds", "greater than or equal to 1", BOTH),

@@ -11,7 +11,7 @@ Every write carries the operator's field manager; the trainer patches its run's 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import kubernetes
@@ -27,13 +27,16 @@ ApiException = kubernetes.client.ApiException
 
 
 class Cluster:
-    """The API calls of the reconcile: read a run and its pods, create what it owns, patch its status."""
+    """The API calls of the reconcile: read a run, its evaluation Jobs and its pods, create what it
+    owns, patch its status."""
 
     def __init__(self, client: kubernetes.client.ApiClient):
         client.user_agent = USER_AGENT
         core = kubernetes.client.CoreV1Api(client)
         rbac = kubernetes.client.RbacAuthorizationV1Api(client)
+        batch = kubernetes.client.BatchV1Api(client)
         self._core = core
+        self._batch = batch
         self._runs = kubernetes.client.CustomObjectsApi(client)
         self._create: dict[str, Callable[..., Any]] = {
             "ConfigMap": core.create_namespaced_config_map,
@@ -41,6 +44,7 @@ class Cluster:
             "Role": rbac.create_namespaced_role,
             "RoleBinding": rbac.create_namespaced_role_binding,
             "Pod": core.create_namespaced_pod,
+            "Job": batch.create_namespaced_job,
         }
         self._patch: dict[str, Callable[..., Any]] = {
             "ConfigMap": core.patch_namespaced_config_map,
@@ -73,17 +77,19 @@ class Cluster:
                 return None
             raise
 
-    def list_pods(self, run: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """The run's pods: those with its label that it owns (a deleted run of the same name may
-        have left pods for the garbage collector to remove)."""
+    def list_pods(self, run: Mapping[str, Any], jobs: Iterable[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
+        """The run's pods: those with its label that it owns, or that one of its ``jobs`` owns (a
+        deleted run of the same name may have left pods for the garbage collector to remove)."""
         metadata = run["metadata"]
-        selector = ",".join(f"{key}={value}" for key, value in run_labels(metadata["name"]).items())
-        response = self._core.list_namespaced_pod(metadata["namespace"], label_selector=selector, _preload_content=False)
-        return [
-            pod
-            for pod in json.loads(response.data)["items"]
-            if any(owner.get("uid") == metadata["uid"] for owner in pod["metadata"].get("ownerReferences") or [])
-        ]
+        owners = {metadata["uid"], *(job["metadata"]["uid"] for job in jobs)}
+        response = self._core.list_namespaced_pod(metadata["namespace"], label_selector=_selector(run), _preload_content=False)
+        return _owned(json.loads(response.data)["items"], owners)
+
+    def list_jobs(self, run: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """The run's evaluation Jobs: those with its label that it owns."""
+        metadata = run["metadata"]
+        response = self._batch.list_namespaced_job(metadata["namespace"], label_selector=_selector(run), _preload_content=False)
+        return _owned(json.loads(response.data)["items"], {metadata["uid"]})
 
     def create(self, manifest: Mapping[str, Any]) -> bool:
         """Create an object; False if one of its name exists already."""
@@ -134,3 +140,11 @@ class Cluster:
         except ApiException as error:
             if error.status != 404:  # already gone
                 raise
+
+
+def _selector(run: Mapping[str, Any]) -> str:
+    return ",".join(f"{key}={value}" for key, value in run_labels(run["metadata"]["name"]).items())
+
+
+def _owned(objects: list[dict[str, Any]], owners: set[str]) -> list[dict[str, Any]]:
+    return [obj for obj in objects if any(ref.get("uid") in owners for ref in obj["metadata"].get("ownerReferences") or [])]

@@ -22,9 +22,11 @@ PRINTER_COLUMNS = [
     {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step"},
     {"name": "Total", "type": "integer", "jsonPath": ".status.progress.totalSteps", "priority": 1},
     {"name": "Reward", "type": "number", "jsonPath": ".status.progress.reward"},
+    # The scores of the best checkpoint (spec.evaluation.selectBy), and its step.
     {"name": "AIME24", "type": "number", "jsonPath": ".status.scores.aime24"},
-    {"name": "MATH500", "type": "number", "jsonPath": ".status.scores.math500", "priority": 1},
-    {"name": "AMC23", "type": "number", "jsonPath": ".status.scores.amc23", "priority": 1},
+    {"name": "MATH500", "type": "number", "jsonPath": ".status.scores.math500"},
+    {"name": "AMC23", "type": "number", "jsonPath": ".status.scores.amc23"},
+    {"name": "Best", "type": "integer", "jsonPath": ".status.bestCheckpoint.step"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

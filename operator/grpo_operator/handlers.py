@@ -1,9 +1,10 @@
 """The kopf handlers of the GRPORun operator: ``grpo operator``, or ``kopf run -m grpo_operator.handlers``.
 
 Each run gets one reconcile loop, a kopf daemon, like a controller-runtime worker for its key: it
-reads the run and its pods from the API server, asks :func:`grpo_operator.state.decide` what to do,
-does it, and sleeps until a pod of the run or the run's spec changes, or until the time the decision
-asked to come back (a backoff, the deadline, the TTL). Level-based: each pass looks only at what is
+reads the run, its evaluation Jobs and its pods from the API server, asks
+:func:`grpo_operator.state.decide` what to do, does it, and sleeps until a pod or Job of the run,
+the run's spec, or (evaluating every checkpoint) its latest checkpoint changes, or until the time
+the decision asked to come back (a backoff, the deadline, the TTL). Level-based: each pass looks only at what is
 stored now, so an event missed, repeated, or lost with an operator restart changes nothing. One loop
 per run means one reconcile at a time per run, as the attempt protocol in state.py needs.
 
@@ -28,23 +29,28 @@ import urllib3
 
 from grpo_operator import manifests
 from grpo_operator.cluster import ApiException, Cluster
-from grpo_operator.manifests import APP_LABEL, RUN_LABEL
-from grpo_operator.state import ABSENT, decide, observe_pod, validate_body
+from grpo_operator.manifests import APP_LABEL, EVALUATION_LABEL, RUN_LABEL
+from grpo_operator.state import ABSENT, decide, observe_evaluations, observe_pod, validate_body, watches_evaluations
 from grpo_trainer.spec import API_GROUP, API_VERSION, PLURAL, GRPORun, GRPORunStatus
 from grpo_trainer.validation import FieldError
 
 RUNS = (API_GROUP, API_VERSION, PLURAL)
 PODS = ("", "v1", "pods")
+JOBS = ("batch", "v1", "jobs")
 POD_LABELS: dict[str, Any] = {**APP_LABEL, RUN_LABEL: kopf.PRESENT}
+"""The labels of every pod and Job of a run."""
 
 RESYNC = timedelta(minutes=5)
 """The longest a run's loop sleeps: a safety net for a change whose watch event went missing."""
 
-OPERATOR_STATUS_FIELDS = frozenset(
-    {"phase", "conditions", "observed_generation", "attempt", "restarts", "start_time", "completion_time", "message"}
-)
-"""The status fields the operator writes. The trainer writes the others (progress, checkpoints);
-patching only these leaves its reports alone, whatever their age in the operator's read."""
+OPERATOR_STATUS_FIELDS = frozenset({
+    "phase", "conditions", "observed_generation", "attempt", "restarts", "start_time", "completion_time", "message",
+    "evaluations", "scores", "best_checkpoint",
+})
+"""The status fields the operator writes. The trainer writes the others (progress, latestCheckpoint);
+patching only these leaves its reports alone, whatever their age in the operator's read. The
+operator is the one writer of the scores: evaluation Jobs only leave them in their pods'
+termination messages."""
 
 API_ERRORS = (ApiException, urllib3.exceptions.HTTPError)
 
@@ -59,16 +65,18 @@ def configure(settings: kopf.OperatorSettings) -> None:
     # A run's loop exits within a few event-loop cycles of being stopped, more than kopf waits by
     # default; a deleted run would then keep its finalizer for cancellation_backoff more.
     settings.background.instant_exit_timeout = 0.1
-    # Watch only the runs' pods, filtered by the API server rather than in here.
-    settings.watching.label_selectors[PODS] = ",".join(
-        key if value is kopf.PRESENT else f"{key}={value}" for key, value in POD_LABELS.items()
-    )
+    # Watch only the runs' pods and Jobs, filtered by the API server rather than in here.
+    for resource in (PODS, JOBS):
+        settings.watching.label_selectors[resource] = ",".join(
+            key if value is kopf.PRESENT else f"{key}={value}" for key, value in POD_LABELS.items()
+        )
 
 
 @kopf.on.startup()
 def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     configure(settings)
     memo.wakeups = {}  # (namespace, run name) → the asyncio.Event its loop sleeps on
+    memo.checkpoints = {}  # (namespace, run name) → the step of the latest checkpoint a wake-up was for
     memo.retry_delays = list(settings.networking.error_backoffs) or [1.0]
     if "cluster" not in memo:  # tests and benchmarks bring one connected to their API server
         memo.cluster = Cluster.connect()
@@ -106,6 +114,7 @@ async def reconcile_loop(
     finally:
         if memo.wakeups.get(key) is wakeup:  # a new run of the same name may have its own loop by now
             del memo.wakeups[key]
+            memo.checkpoints.pop(key, None)
 
 
 def _new_generation(meta: Mapping[str, Any], status: Mapping[str, Any], **_: Any) -> bool:
@@ -119,9 +128,32 @@ async def wake_on_spec_change(namespace: str, name: str, memo: kopf.Memo, **_: A
     _wake(memo, namespace, name)
 
 
+def _evaluates_every_checkpoint(spec: Mapping[str, Any], **_: Any) -> bool:
+    return (spec.get("evaluation") or {}).get("checkpoints") == "every"
+
+
+@kopf.on.event(*RUNS, when=_evaluates_every_checkpoint)
+async def wake_on_new_checkpoint(
+    namespace: str, name: str, status: Mapping[str, Any], memo: kopf.Memo, **_: Any
+) -> None:
+    """The trainer reported a new checkpoint, which evaluation.checkpoints every evaluates: the
+    run's loop reconciles now. Other status updates wake nothing."""
+    step = (status.get("latestCheckpoint") or {}).get("step")
+    if step is not None and memo.checkpoints.get((namespace, name)) != step:
+        memo.checkpoints[(namespace, name)] = step
+        _wake(memo, namespace, name)
+
+
 @kopf.on.event(*PODS, labels=POD_LABELS)
 async def wake_on_pod_change(namespace: str, labels: Mapping[str, str], memo: kopf.Memo, **_: Any) -> None:
-    """A pod of a run was created, changed or deleted: its run's loop reconciles now."""
+    """A pod of a run (a trainer or an evaluation) was created, changed or deleted: its run's loop
+    reconciles now."""
+    _wake(memo, namespace, labels[RUN_LABEL])
+
+
+@kopf.on.event(*JOBS, labels=POD_LABELS)
+async def wake_on_job_change(namespace: str, labels: Mapping[str, str], memo: kopf.Memo, **_: Any) -> None:
+    """An evaluation Job of a run changed (it finished, say): its run's loop reconciles now."""
     _wake(memo, namespace, labels[RUN_LABEL])
 
 
@@ -168,23 +200,34 @@ class Validation:
 
 
 def reconcile(cluster: Cluster, namespace: str, name: str, validation: Validation) -> datetime | None:
-    """One pass: read the run, then its pods (in that order, as decide requires), decide, act.
-    Returns when to come back even if nothing changes."""
+    """One pass: read the run, then its evaluation Jobs if it has any to watch, then its pods (in
+    that order, as decide requires), decide, act. Returns when to come back even if nothing changes."""
     body = cluster.read_run(namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return None  # kopf stops this loop
     run = validation.of(body)
     stored = body.get("status") or {}
     status = GRPORunStatus.model_validate(stored)
-    newest = max(map(observe_pod, cluster.list_pods(body)), key=attrgetter("attempt"), default=ABSENT)
     spec = run.spec if isinstance(run, GRPORun) else run
-    decision = decide(spec, status, newest, generation=body["metadata"]["generation"], now=datetime.now(UTC))
+    jobs = cluster.list_jobs(body) if watches_evaluations(spec, status) else []
+    pods = cluster.list_pods(body, jobs)
+    trainers, evaluators = [], []
+    for pod in pods:
+        (evaluators if EVALUATION_LABEL in (pod["metadata"].get("labels") or {}) else trainers).append(pod)
+    newest = max(map(observe_pod, trainers), key=attrgetter("attempt"), default=ABSENT)
+    evaluations = observe_evaluations(jobs, evaluators)
+    now = datetime.now(UTC)
+    decision = decide(spec, status, newest, generation=body["metadata"]["generation"], now=now, evaluations=evaluations)
 
     if decision.create_pod is not None and isinstance(run, GRPORun):
         # What the pod mounts and runs as first: the pod names its ConfigMap and ServiceAccount.
         for build in (manifests.config_map, manifests.service_account, manifests.role, manifests.role_binding):
             cluster.apply(build(run))
         cluster.create(manifests.pod(run, attempt=decision.create_pod))  # exists already: adopted next pass
+    if decision.create_jobs and isinstance(run, GRPORun):
+        cluster.apply(manifests.evaluation_service_account(run))
+        for checkpoint in decision.create_jobs:
+            cluster.create(manifests.evaluation_job(run, checkpoint))  # exists already: observed next pass
     if decision.delete_pod is not None:
         cluster.delete_pod(namespace, decision.delete_pod)
     change = status_patch(stored, decision.status)

@@ -1,24 +1,33 @@
 """The Kubernetes objects of a GRPORun, as pure functions of the validated run.
 
 One run owns a ConfigMap (its manifest, which the trainer reads), the RBAC that lets the trainer
-report status, and one pod per attempt: the trainer container under torchrun on ``trainerGpus``
-GPUs and a vLLM server on the other ``vllmGpus``, as a native sidecar. Every builder returns a plain
-JSON-able dict with an owner reference to the run, so deleting the run deletes them all; nothing
-here talks to a cluster, so tests render and check them without one.
+report status, one pod per attempt: the trainer container under torchrun on ``trainerGpus``
+GPUs and a vLLM server on the other ``vllmGpus``, as a native sidecar, and one batch/v1 Job per
+evaluated checkpoint, running ``grpo eval`` under a ServiceAccount of its own that may do nothing
+in the API (the operator reads the scores from the Job pod's termination message). Every builder
+returns a plain JSON-able dict with an owner reference to the run, so deleting the run deletes them
+all; nothing here talks to a cluster, so tests render and check them without one.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Any, NamedTuple
 
 import yaml
 
-from grpo_trainer.spec import API_GROUP, API_VERSION, KIND, PLURAL, GRPORun
+from grpo_trainer.scores import evaluation_prefix
+from grpo_trainer.spec import API_GROUP, API_VERSION, KIND, PLURAL, CheckpointRef, GRPORun
+from grpo_trainer.termination import EXIT_INVALID
 
 APP_LABEL = {"app.kubernetes.io/name": "grpo-operator"}
 RUN_LABEL = f"{API_GROUP}/run"
 ATTEMPT_LABEL = f"{API_GROUP}/attempt"
+EVALUATION_LABEL = f"{API_GROUP}/evaluation-step"
+"""On an evaluation Job and its pods: the step of the checkpoint it evaluates."""
+CHECKPOINT_ANNOTATION = f"{API_GROUP}/checkpoint-uri"
+"""On an evaluation Job: the URI of the checkpoint it evaluates."""
 
 CONFIG_DIR = "/etc/grpo"
 CONFIG_KEY = "run.yaml"
@@ -29,6 +38,9 @@ VLLM_PORT = 8000
 VLLM_URL = f"http://127.0.0.1:{VLLM_PORT}"
 VLLM_HEALTH_URL = f"{VLLM_URL}/health/"
 VLLM_STARTUP_SECONDS = 600  # downloading and loading a 1.5B model, compiling CUDA graphs
+
+EVALUATION_BACKOFF_LIMIT = 2
+"""Pod failures an evaluation Job retries (a lost node, an OOM); bad input (exit 2) fails it at once."""
 
 # On SIGTERM the trainer checkpoints and exits within spec.checkpoints.preemptionGraceSeconds (its
 # own watchdog ends it then). torchrun, which passed the signal on, waits a little longer before it
@@ -52,15 +64,31 @@ def resource_names(run_name: str) -> RunResources:
     return RunResources(config_map=f"{run_name}-config", service_account=trainer, role=trainer, role_binding=trainer)
 
 
+def evaluation_service_account_name(run_name: str) -> str:
+    return f"{run_name}-eval"
+
+
 def pod_name(run_name: str, attempt: int) -> str:
     """``<run>-<attempt>``, or for a name too long for that a prefix of it and a hash of the whole,
     so the name stays a DNS label (at most 63 characters) and two long runs never share a pod."""
     if attempt < 0:
         raise ValueError(f"attempt must be at least 0, got {attempt}")
-    name = f"{run_name}-{attempt}"
+    return _dns_label(run_name, str(attempt))
+
+
+def job_name(run_name: str, step: int) -> str:
+    """``<run>-eval-<step>``: the evaluation Job of one checkpoint, a DNS label as pod_name makes it
+    (a Job's name is also the value of its pods' job-name label, at most 63 characters)."""
+    if step < 0:
+        raise ValueError(f"step must be at least 0, got {step}")
+    return _dns_label(run_name, f"eval-{step}")
+
+
+def _dns_label(run_name: str, tail: str) -> str:
+    name = f"{run_name}-{tail}"
     if len(name) <= 63:
         return name
-    suffix = f"-{hashlib.sha256(run_name.encode()).hexdigest()[:8]}-{attempt}"
+    suffix = f"-{hashlib.sha256(run_name.encode()).hexdigest()[:8]}-{tail}"
     return run_name[: 63 - len(suffix)] + suffix
 
 
@@ -86,10 +114,13 @@ def owner_reference(run: GRPORun) -> dict[str, Any]:
     }
 
 
-def _metadata(run: GRPORun, name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
+def _metadata(
+    run: GRPORun, name: str, labels: dict[str, str] | None = None, annotations: dict[str, str] | None = None
+) -> dict[str, Any]:
     metadata: dict[str, Any] = {
         "name": name,
         "labels": labels or run_labels(run.metadata.name),
+        **({"annotations": annotations} if annotations else {}),
         "ownerReferences": [owner_reference(run)],
     }
     if run.metadata.namespace:
@@ -122,6 +153,17 @@ def service_account(run: GRPORun) -> dict[str, Any]:
         "apiVersion": "v1",
         "kind": "ServiceAccount",
         "metadata": _metadata(run, resource_names(run.metadata.name).service_account),
+    }
+
+
+def evaluation_service_account(run: GRPORun) -> dict[str, Any]:
+    """The evaluation Jobs' account: no Role binds it and no token is mounted, so a Job can do
+    nothing in the API. It needs nothing there: the operator reads the scores from the pod."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _metadata(run, evaluation_service_account_name(run.metadata.name)),
+        "automountServiceAccountToken": False,
     }
 
 
@@ -231,13 +273,19 @@ def _trainer_env(run: GRPORun) -> list[dict[str, Any]]:
         {"name": "GRPO_VLLM_URL", "value": VLLM_URL},
         {"name": "HOME", "value": HOME},
     ]
+    return env + _s3_credentials(run)
+
+
+def _s3_credentials(run: GRPORun) -> list[dict[str, Any]]:
+    """The store's credentials from spec.checkpoints.credentialsSecret, as boto3 reads them."""
     secret = run.spec.checkpoints.credentials_secret
-    if secret:
-        keys = (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), ("AWS_SESSION_TOKEN", True))
-        for key, optional in keys:
-            reference = {"name": secret, "key": key} | ({"optional": True} if optional else {})
-            env.append({"name": key, "valueFrom": {"secretKeyRef": reference}})
-    return env
+    if not secret:
+        return []
+    keys = (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), ("AWS_SESSION_TOKEN", True))
+    return [
+        {"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key} | ({"optional": True} if optional else {})}}
+        for key, optional in keys
+    ]
 
 
 def _trainer_container(run: GRPORun) -> dict[str, Any]:
@@ -292,7 +340,6 @@ def pod(run: GRPORun, *, attempt: int) -> dict[str, Any]:
     """The pod of one attempt at the run. The operator, not the kubelet, restarts a failed attempt
     (restartPolicy Never) so it can count restarts and back off, and it enforces the run's deadline
     across attempts, so the pod has no activeDeadlineSeconds."""
-    resources = run.spec.resources
     names = resource_names(run.metadata.name)
     labels = {**run_labels(run.metadata.name), ATTEMPT_LABEL: str(attempt)}
     spec: dict[str, Any] = {
@@ -300,33 +347,145 @@ def pod(run: GRPORun, *, attempt: int) -> dict[str, Any]:
         "serviceAccountName": names.service_account,
         "automountServiceAccountToken": True,  # the trainer patches the run's status
         "terminationGracePeriodSeconds": termination_grace_seconds(run),
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": USER_ID,
-            "runAsGroup": USER_ID,
-            "fsGroup": USER_ID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": _pod_security(),
         "initContainers": [_vllm_sidecar(run)],
         "containers": [_trainer_container(run)],
-        "volumes": [
-            {"name": "config", "configMap": {"name": names.config_map}},
-            {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": resources.shm_size}},
-            {"name": "home", "emptyDir": {}},
-            {"name": "tmp", "emptyDir": {}},
-        ],
+        "volumes": [{"name": "config", "configMap": {"name": names.config_map}}, *_scratch_volumes(run)],
+        **_placement(run),
     }
-    if resources.gpu_product:
-        spec["nodeSelector"] = {"nvidia.com/gpu.product": resources.gpu_product}
-    if resources.tolerations:
-        spec["tolerations"] = [
-            toleration.model_dump(mode="json", by_alias=True, exclude_none=True) for toleration in resources.tolerations
-        ]
-    if resources.priority_class_name:
-        spec["priorityClassName"] = resources.priority_class_name
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": _metadata(run, pod_name(run.metadata.name, attempt), labels),
         "spec": spec,
+    }
+
+
+def _pod_security() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": USER_ID,
+        "runAsGroup": USER_ID,
+        "fsGroup": USER_ID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _scratch_volumes(run: GRPORun) -> list[dict[str, Any]]:
+    """The emptyDirs behind _scratch_mounts."""
+    return [
+        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": run.spec.resources.shm_size}},
+        {"name": "home", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+
+
+def _placement(run: GRPORun) -> dict[str, Any]:
+    """Where the run's pods may go: its GPU product, tolerations and priority class."""
+    resources = run.spec.resources
+    placement: dict[str, Any] = {}
+    if resources.gpu_product:
+        placement["nodeSelector"] = {"nvidia.com/gpu.product": resources.gpu_product}
+    if resources.tolerations:
+        placement["tolerations"] = [
+            toleration.model_dump(mode="json", by_alias=True, exclude_none=True) for toleration in resources.tolerations
+        ]
+    if resources.priority_class_name:
+        placement["priorityClassName"] = resources.priority_class_name
+    return placement
+
+
+# -------------------------------------------------------------------------------- evaluation
+
+_CHECKPOINT_URI = re.compile(r"(?P<root>.+)/checkpoints/step-(?P<step>\d+)/?")
+
+
+def checkpoint_uri(run: GRPORun, step: int) -> str:
+    """Where the trainer writes checkpoint ``step`` of the run (trainer/checkpoint.py's layout)."""
+    return f"{run.spec.checkpoints.storage.rstrip('/')}/{run.metadata.name}/checkpoints/step-{step:08d}"
+
+
+def evaluated_uri(run: GRPORun, checkpoint: CheckpointRef) -> str:
+    """The checkpoint's URI as the trainer reported it, which holds a file:// store's path as the
+    trainer resolved it; the spec's own if the report names no checkpoint of that step."""
+    match = _CHECKPOINT_URI.fullmatch(checkpoint.uri)
+    return checkpoint.uri if match and int(match["step"]) == checkpoint.step else checkpoint_uri(run, checkpoint.step)
+
+
+def evaluation_output(run: GRPORun, checkpoint: CheckpointRef) -> str:
+    """``<run root>/evaluations/step-N``, beside ``<run root>/checkpoints/step-N`` (scores.py)."""
+    root = evaluated_uri(run, checkpoint).rstrip("/").rsplit("/checkpoints/", 1)[0]
+    return f"{root}/{evaluation_prefix(checkpoint.step)}"
+
+
+def evaluation_args(run: GRPORun, checkpoint: CheckpointRef) -> list[str]:
+    """``grpo eval``'s arguments: the checkpoint (only its model/ is downloaded), the benchmarks and
+    sampling of spec.evaluation, and where the full results go."""
+    evaluation = run.spec.evaluation
+    args = [
+        "eval",
+        evaluated_uri(run, checkpoint),
+        "--benchmarks", ",".join(evaluation.benchmarks),
+        "--samples-per-problem", str(evaluation.samples_per_problem),
+        "--temperature", str(evaluation.temperature),
+        "--top-p", str(evaluation.top_p),
+        "--max-new-tokens", str(evaluation.max_new_tokens),
+        "--output", evaluation_output(run, checkpoint),
+        "--backend", "vllm",
+        "--gpus", str(evaluation.gpus),
+    ]
+    if run.spec.checkpoints.endpoint_url:
+        args += ["--endpoint-url", run.spec.checkpoints.endpoint_url]
+    return args
+
+
+def _evaluation_container(run: GRPORun, checkpoint: CheckpointRef) -> dict[str, Any]:
+    resources, gpus = run.spec.resources, run.spec.evaluation.gpus
+    return {
+        "name": "eval",
+        "image": resources.images.vllm,  # vLLM, and this package beside it
+        "imagePullPolicy": resources.images.pull_policy,
+        "command": ["python", "-m", "grpo_trainer.cli", *evaluation_args(run, checkpoint)],
+        "env": [{"name": "HOME", "value": HOME}, *_s3_credentials(run)],
+        "resources": {"requests": _gpus(gpus), "limits": _gpus(gpus)},
+        "volumeMounts": _scratch_mounts(),
+        # grpo eval writes its scores as JSON to /dev/termination-log; the log tail is the fallback.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": _container_security(),
+    }
+
+
+def evaluation_job(run: GRPORun, checkpoint: CheckpointRef) -> dict[str, Any]:
+    """The Job that evaluates one checkpoint. A failed pod is retried EVALUATION_BACKOFF_LIMIT
+    times, except for bad input (exit 2: a missing checkpoint, say), which fails the Job at once; a
+    pod disrupted by preemption or a drain is retried without counting. The Job fails for good
+    after spec.evaluation.deadlineSeconds, retries included."""
+    labels = {**run_labels(run.metadata.name), EVALUATION_LABEL: str(checkpoint.step)}
+    template_spec = {
+        "restartPolicy": "Never",  # the Job retries a failed pod; podFailurePolicy requires Never
+        "serviceAccountName": evaluation_service_account_name(run.metadata.name),
+        "automountServiceAccountToken": False,
+        "securityContext": _pod_security(),
+        "containers": [_evaluation_container(run, checkpoint)],
+        "volumes": _scratch_volumes(run),
+        **_placement(run),
+    }
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(
+            run, job_name(run.metadata.name, checkpoint.step), labels,
+            {CHECKPOINT_ANNOTATION: evaluated_uri(run, checkpoint)},
+        ),
+        "spec": {
+            "backoffLimit": EVALUATION_BACKOFF_LIMIT,
+            "activeDeadlineSeconds": run.spec.evaluation.deadline_seconds,
+            "podFailurePolicy": {
+                "rules": [
+                    {"action": "FailJob", "onExitCodes": {"containerName": "eval", "operator": "In", "values": [EXIT_INVALID]}},
+                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+                ]
+            },
+            "template": {"metadata": {"labels": labels}, "spec": template_spec},
+        },
     }

@@ -1,8 +1,10 @@
-"""What a GRPORun should become: a pure function of its spec, its stored status and its pod.
+"""What a GRPORun should become: a pure function of its spec, its stored status, its pod and its
+evaluation Jobs.
 
-The kopf handlers read the run and its newest pod, call :func:`observe_pod` and :func:`decide`, and
-carry the :class:`Decision` out: create or delete the pod, patch the status, emit the events, come
-back at ``requeue_at``. Nothing here does I/O or reads the clock (``now`` is passed in), so every
+The kopf handlers read the run, its evaluation Jobs and its pods, call :func:`observe_pod`,
+:func:`observe_evaluations` and :func:`decide`, and carry the :class:`Decision` out: create or
+delete the pod, create evaluation Jobs, patch the status, emit the events, come back at
+``requeue_at``. Nothing here does I/O or reads the clock (``now`` is passed in), so every
 transition is a row in a test table. ``decide`` is level-based, like a controller-runtime
 reconciler: it looks only at what is stored and observed now, never at the event that woke it, so a
 repeated or missed event, or an operator restart, changes nothing.
@@ -15,10 +17,24 @@ status; if it dies in between, the next call sees a pod whose attempt is higher 
 and adopts it. Pods of ended attempts are kept for their logs, as a Job keeps its failed pods; the
 run owns them, so they go with it.
 
-Phases: Pending → Running → Succeeded, or Evaluating when the run has benchmarks to evaluate its
-checkpoints on. The evaluation Jobs are not in this version of the operator, so for now Evaluating
-is where such a run stops. Failed and Succeeded are final; Suspended is left when spec.suspend is
-set back to false.
+Phases: Pending → Running → Succeeded, or Running → Evaluating → Succeeded when the run has
+benchmarks to evaluate its checkpoints on. Failed and Succeeded are final; Suspended is left when
+spec.suspend is set back to false.
+
+Evaluation: one batch/v1 Job per checkpoint, named ``job_name(run, step)`` so that a repeated
+create is AlreadyExists, as for pods. ``spec.evaluation.checkpoints: final`` evaluates the
+checkpoint the completed trainer names in its termination message; ``every`` also evaluates each
+``status.latestCheckpoint`` the trainer reports while it trains (a checkpoint overtaken by the
+next before any pass saw it, hours apart at the default everySteps, goes unevaluated; the operator
+wakes on each report). A completed run waits in
+Evaluating until each of its Jobs has finished (neither spec.suspend nor activeDeadlineSeconds
+applies there: each Job has its own deadline), then Succeeded. A Job that fails for good (its
+backoffLimit, its deadline, bad input) is condition EvaluationFailed with the Job's reason and
+never fails a trained run. The operator is the one writer of ``status.evaluations``,
+``status.scores`` and ``status.bestCheckpoint``: each pass unions the stored scores with those in
+the termination messages of every finished Job's pod, so Jobs finishing together, or a status read
+before an earlier pass's write, lose nothing. ``scores.best_step`` with ``spec.evaluation.selectBy``
+picks the best checkpoint.
 """
 
 from __future__ import annotations
@@ -28,15 +44,29 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
+from operator import attrgetter
 from typing import Any, Literal
 
-from grpo_operator.manifests import ATTEMPT_LABEL
-from grpo_trainer.spec import Condition, GRPORun, GRPORunSpec, GRPORunStatus, Phase
+from pydantic import ValidationError
+
+from grpo_operator.manifests import ATTEMPT_LABEL, CHECKPOINT_ANNOTATION, EVALUATION_LABEL
+from grpo_trainer.scores import best_step
+from grpo_trainer.spec import (
+    BENCHMARKS,
+    BenchmarkScore,
+    CheckpointRef,
+    Condition,
+    GRPORun,
+    GRPORunSpec,
+    GRPORunStatus,
+    Phase,
+    Scores,
+)
 from grpo_trainer.termination import EXIT_INVALID, Outcome, TerminationMessage
 from grpo_trainer.validation import FieldError, ManifestError, validate_manifest
 
-FINISHED: tuple[Phase, ...] = ("Evaluating", "Succeeded", "Failed")
-"""Phases in which this operator version starts no pod (Evaluating only until evaluation exists)."""
+FINISHED: tuple[Phase, ...] = ("Succeeded", "Failed")
+"""Phases in which nothing starts any more: no pod, no evaluation Job."""
 
 BACKOFF_BASE_SECONDS = 10
 BACKOFF_CAP_SECONDS = 300
@@ -197,6 +227,117 @@ def _last_line(log_tail: str) -> str:
     return lines[-1][-_MESSAGE_DETAIL_CHARS:] if lines else ""
 
 
+# --------------------------------------------------------------------------- evaluation Jobs
+
+
+class EvaluationState(StrEnum):
+    RUNNING = "Running"  # not finished: pending, evaluating, or retrying a failed pod
+    SUCCEEDED = "Succeeded"  # its pod's termination message carries the scores
+    FAILED = "Failed"  # for good: out of retries or time, bad input, or ended without scores
+
+
+@dataclass(frozen=True)
+class EvaluationObservation:
+    step: int
+    """The step of the checkpoint the Job evaluates."""
+    name: str
+    state: EvaluationState
+    checkpoint_uri: str = ""
+    scores: tuple[BenchmarkScore, ...] = ()
+    reason: str = ""  # CamelCase, for conditions and events: the Job's own (DeadlineExceeded, ...)
+    message: str = ""
+
+
+def observe_evaluations(
+    jobs: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[str, Any]]
+) -> tuple[EvaluationObservation, ...]:
+    """Classify the run's evaluation Jobs, as the API server returns them, with the pods each
+    owns (the termination messages are on the pods). Jobs without a step label are not ours."""
+    pods_of: dict[str, list[Mapping[str, Any]]] = {}
+    for pod in pods:
+        for owner in (pod.get("metadata") or {}).get("ownerReferences") or []:
+            if owner.get("kind") == "Job":
+                pods_of.setdefault(owner.get("uid"), []).append(pod)
+    seen = []
+    for job in jobs:
+        metadata = job.get("metadata") or {}
+        step = (metadata.get("labels") or {}).get(EVALUATION_LABEL, "")
+        if step.isdigit():
+            owned = sorted(pods_of.get(metadata.get("uid"), []), key=_created)
+            seen.append(_evaluation(job, int(step), owned))
+    return tuple(sorted(seen, key=attrgetter("step")))
+
+
+def _evaluation(job: Mapping[str, Any], step: int, pods: Sequence[Mapping[str, Any]]) -> EvaluationObservation:
+    metadata = job.get("metadata") or {}
+    name = metadata.get("name", "")
+    uri = (metadata.get("annotations") or {}).get(CHECKPOINT_ANNOTATION, "")
+
+    def seen(state: EvaluationState, reason: str = "", message: str = "", scores=()) -> EvaluationObservation:
+        return EvaluationObservation(step, name, state, uri, tuple(scores), reason, message)
+
+    problem = ""  # what was wrong with the last scores a pod reported
+    detail = ""  # how the last failed pod ended
+    for pod in pods:
+        container = next(iter((pod.get("status") or {}).get("containerStatuses") or []), {})
+        terminated = _state(container, "terminated")
+        if terminated is None:
+            continue
+        text = terminated.get("message") or ""
+        said = TerminationMessage.parse(text)
+        if said and said.outcome is Outcome.EVALUATED:
+            try:
+                scores = _scores(said, step)
+            except ValueError as error:
+                problem = f"pod {pod['metadata'].get('name')}: {error}"
+            else:
+                return seen(EvaluationState.SUCCEEDED, "Evaluated", f"job {name}: evaluated step {step}", scores)
+        elif terminated.get("exitCode") != 0:
+            words = said.message if said and said.message else _last_line(text)
+            code = f"exited with code {terminated.get('exitCode')} ({_reason(terminated.get('reason'), 'Error')})"
+            detail = f"pod {pod['metadata'].get('name')} {code}" + (f": {words}" if words else "")
+    status = job.get("status") or {}
+    failed = _condition(status, "Failed")
+    if failed is not None and failed.get("status") == "True":
+        reason = _reason(failed.get("reason"), "JobFailed")  # BackoffLimitExceeded, DeadlineExceeded, PodFailurePolicy
+        said = f"job {name}: {failed.get('message') or reason}"
+        return seen(EvaluationState.FAILED, reason, "; ".join(filter(None, [said, problem, detail])))
+    complete = _condition(status, "Complete")
+    if complete is not None and complete.get("status") == "True":
+        why = problem or "grpo eval exited 0 without a termination message carrying scores"
+        return seen(EvaluationState.FAILED, "InvalidScores" if problem else "NoScores", f"job {name}: {why}")
+    return seen(EvaluationState.RUNNING, "Evaluating", f"job {name}: evaluating step {step}")
+
+
+def _scores(said: TerminationMessage, step: int) -> list[BenchmarkScore]:
+    """The scores of an evaluated termination message, each of them of checkpoint ``step``."""
+    try:
+        scores = [BenchmarkScore.model_validate(row) for row in said.scores]
+    except ValidationError as error:
+        raise ValueError(f"scores that are not BenchmarkScores ({error.error_count()} problems)") from None
+    if not scores:
+        raise ValueError("an evaluated termination message without scores")
+    wrong = sorted({score.checkpoint_step for score in scores} - {step})
+    if wrong:
+        raise ValueError(f"scores of checkpoint step {wrong[0]}, not of step {step}")
+    return scores
+
+
+def _created(obj: Mapping[str, Any]) -> tuple[str, str]:
+    metadata = obj.get("metadata") or {}
+    return metadata.get("creationTimestamp") or "", metadata.get("name") or ""
+
+
+def watches_evaluations(spec: GRPORunSpec | Sequence[FieldError], status: GRPORunStatus) -> bool:
+    """Whether decide needs the run's evaluation Jobs observed: only while some may exist and
+    matter, so a run that evaluates nothing, or not yet, costs no API call for them."""
+    if not isinstance(spec, GRPORunSpec) or not spec.evaluation.enabled:
+        return False
+    if spec.evaluation.checkpoints == "every":
+        return status.phase != "Succeeded"
+    return status.phase == "Evaluating"
+
+
 # ------------------------------------------------------------------------------------- the run
 
 
@@ -233,12 +374,15 @@ class Decision:
     """The attempt whose pod to create (manifests.pod(run, attempt=...)), after which the status is patched."""
     delete_pod: str | None = None
     """The name of a pod whose trainer must stop: it gets SIGTERM, checkpoints and exits."""
+    create_jobs: tuple[CheckpointRef, ...] = ()
+    """The checkpoints whose evaluation Jobs to create (manifests.evaluation_job), before the status is patched."""
     delete_run: bool = False
     """The run finished ttlSecondsAfterFinished ago."""
     requeue_at: datetime | None = None
     """Decide again at this time even if nothing changes: a backoff, the deadline, the TTL."""
     events: tuple[Event, ...] = ()
-    """One per phase transition or failed attempt, for the run's event list."""
+    """One per phase transition or failed attempt, and per evaluated checkpoint or failed
+    evaluation, for the run's event list."""
 
 
 ConditionStatus = bool | Literal["Unknown"]
@@ -263,6 +407,12 @@ class _Draft:
     delete_pod: str | None = None
     delete_run: bool = False
     requeue_at: datetime | None = None
+    evaluations: list[BenchmarkScore] = field(default_factory=list)
+    scores: Scores | None = None
+    best_checkpoint: CheckpointRef | None = None
+    create_jobs: list[CheckpointRef] = field(default_factory=list)
+    notes: list[Event] = field(default_factory=list)
+    """Events beside the headline: evaluated checkpoints, failed evaluations."""
 
     @classmethod
     def of(cls, status: GRPORunStatus, *, generation: int, now: datetime) -> _Draft:
@@ -277,6 +427,9 @@ class _Draft:
             completion_time=status.completion_time,
             message=status.message,
             conditions={condition.type: condition for condition in status.conditions},
+            evaluations=list(status.evaluations),
+            scores=status.scores,
+            best_checkpoint=status.best_checkpoint,
         )
 
     def condition(self, kind: str) -> Condition | None:
@@ -318,6 +471,11 @@ class _Draft:
         self.completion_time = self.now
         self.enter("Failed", reason, message, warning=True)
 
+    def succeed(self, reason: str, message: str, *, warning: bool = False) -> None:
+        self.set("Succeeded", True, reason, message)
+        self.completion_time = self.now
+        self.enter("Succeeded", reason, message, warning=warning)
+
     def decision(self) -> Decision:
         status = self.old.model_copy(
             update={
@@ -329,6 +487,9 @@ class _Draft:
                 "start_time": self.start_time,
                 "completion_time": self.completion_time,
                 "message": self.message,
+                "evaluations": self.evaluations,
+                "scores": self.scores,
+                "best_checkpoint": self.best_checkpoint,
             }
         )
         transition = self.phase != self.old.phase or self.restarts != self.old.restarts
@@ -336,9 +497,10 @@ class _Draft:
             status=status,
             create_pod=self.create_pod,
             delete_pod=self.delete_pod,
+            create_jobs=tuple(self.create_jobs),
             delete_run=self.delete_run,
             requeue_at=self.requeue_at,
-            events=(self.headline,) if transition and self.headline else (),
+            events=((self.headline,) if transition and self.headline else ()) + tuple(self.notes),
         )
 
 
@@ -349,25 +511,36 @@ def decide(
     *,
     generation: int,
     now: datetime,
+    evaluations: Sequence[EvaluationObservation] = (),
 ) -> Decision:
     """What to do about a run, given its spec (or the problems validate_body found in it), its status
-    as stored, and its pod with the highest attempt (ABSENT if none). The pod must be listed after
-    the status was read, from the API server rather than a stale cache: a pod missing from the list
-    counts as deleted. ``now`` is timezone-aware, like the status's timestamps."""
+    as stored, its pod with the highest attempt (ABSENT if none) and, where watches_evaluations
+    says so, its evaluation Jobs. Jobs and pods must be listed after the status was read, from the
+    API server rather than a stale cache: a pod missing from the list counts as deleted. ``now`` is
+    timezone-aware, like the status's timestamps."""
     draft = _Draft.of(status, generation=generation, now=now)
+    if isinstance(spec, GRPORunSpec) and spec.evaluation.enabled:
+        _fold(spec, draft, evaluations)
     if status.phase in FINISHED:
         draft.stop(pod)  # nothing trains after the end
     elif not isinstance(spec, GRPORunSpec):
         draft.fail("InvalidSpec", "the spec is invalid: " + "; ".join(map(str, spec)))
         draft.stop(pod)
     else:
-        _reconcile(spec, draft, pod)
+        _queue_evaluations(spec, draft, pod, evaluations)
+        if status.phase == "Evaluating":
+            draft.stop(pod)
+            _evaluate(spec, draft, evaluations)
+        else:
+            _reconcile(spec, draft, pod, evaluations)
+        if draft.phase in FINISHED:
+            draft.create_jobs.clear()  # a Job queued in the pass that failed the run: nothing starts after the end
     if isinstance(spec, GRPORunSpec):
         _expire(spec, draft)
     return draft.decision()
 
 
-def _reconcile(spec: GRPORunSpec, d: _Draft, observed: PodObservation) -> None:
+def _reconcile(spec: GRPORunSpec, d: _Draft, observed: PodObservation, evaluations: Sequence[EvaluationObservation]) -> None:
     d.attempt = max(d.attempt, 1)
     if observed.live and observed.attempt < d.attempt:  # a stray pod of an earlier attempt
         d.stop(observed)  # never two trainers on one run's checkpoints; start nothing till it is gone
@@ -384,7 +557,7 @@ def _reconcile(spec: GRPORunSpec, d: _Draft, observed: PodObservation) -> None:
         pod = PodObservation(PodState.FAILED_RETRYABLE, attempt=d.attempt, reason="PodDeleted", message=message)
 
     if pod is not None and pod.state is PodState.COMPLETED:
-        _complete(spec, d, pod)
+        _complete(spec, d, pod, evaluations)
         return
     if pod is not None and pod.state is PodState.FAILED_PERMANENT:
         d.fail(pod.reason, pod.message)
@@ -491,16 +664,115 @@ def _close(spec: GRPORunSpec, d: _Draft, pod: PodObservation) -> None:
     d.requeue(at)
 
 
-def _complete(spec: GRPORunSpec, d: _Draft, pod: PodObservation) -> None:
+def _complete(spec: GRPORunSpec, d: _Draft, pod: PodObservation, evaluations: Sequence[EvaluationObservation]) -> None:
     d.set("Running", False, pod.reason, pod.message)
-    evaluation = spec.evaluation
-    if evaluation.benchmarks and evaluation.checkpoints != "none":
-        benchmarks = ", ".join(evaluation.benchmarks)
-        d.enter("Evaluating", pod.reason, f"{pod.message}; evaluating on {benchmarks} is not in this operator version yet")
+    if not spec.evaluation.enabled:
+        d.succeed(pod.reason, pod.message)
         return
-    d.set("Succeeded", True, pod.reason, pod.message)
-    d.completion_time = d.now
-    d.enter("Succeeded", pod.reason, pod.message)
+    if _final_checkpoint(d, pod) is None and not (d.create_jobs or evaluations or d.evaluations):
+        message = f"{pod.message}, but the trainer named no checkpoint to evaluate"
+        d.set("EvaluationFailed", True, "NoCheckpoint", message)
+        d.succeed(pod.reason, message, warning=True)
+        return
+    _evaluate(spec, d, evaluations, trained=pod)
+
+
+def _evaluate(
+    spec: GRPORunSpec, d: _Draft, evaluations: Sequence[EvaluationObservation], *, trained: PodObservation | None = None
+) -> None:
+    """The run is trained: wait in Evaluating for its evaluation Jobs, then succeed."""
+    headline = f"{trained.message}; " if trained is not None else ""
+    reason = trained.reason if trained is not None else "Evaluating"
+    if not spec.evaluation.enabled:  # switched off meanwhile
+        d.succeed(reason, f"{headline}evaluation is off (spec.evaluation)")
+        return
+    steps = sorted({job.step for job in _unfinished(evaluations)} | {checkpoint.step for checkpoint in d.create_jobs})
+    if steps:
+        where = ", ".join(f"step {step}" for step in steps)
+        d.enter("Evaluating", reason, f"{headline}evaluating {where} on {', '.join(spec.evaluation.benchmarks)}")
+        return
+    failed = d.condition("EvaluationFailed")
+    best = d.best_checkpoint
+    summary = f"best checkpoint: step {best.step} ({_scores_text(d, best.step)})" if best else "no checkpoint has every score selectBy needs"
+    if failed is not None and failed.status == "True":
+        d.succeed("Evaluated", f"{headline}trained and evaluated; {summary}; evaluations failed (condition EvaluationFailed)", warning=True)
+    else:
+        d.succeed("Evaluated", f"{headline}trained and evaluated; {summary}")
+
+
+_FAILURES_SHOWN = 5
+
+
+def _unfinished(evaluations: Sequence[EvaluationObservation]) -> list[EvaluationObservation]:
+    return [job for job in evaluations if job.state is EvaluationState.RUNNING]
+
+
+def _final_checkpoint(d: _Draft, pod: PodObservation) -> CheckpointRef | None:
+    """The checkpoint a completed trainer ended with: as its termination message says, else the
+    latest it reported into the status."""
+    said = pod.termination
+    if said is not None and said.step is not None:
+        return CheckpointRef(step=said.step, uri=said.checkpoint_uri or "")
+    return d.old.latest_checkpoint
+
+
+def _queue_evaluations(
+    spec: GRPORunSpec, d: _Draft, pod: PodObservation, evaluations: Sequence[EvaluationObservation]
+) -> None:
+    """The checkpoints to evaluate that have neither a Job nor scores yet: with ``every``, the
+    latest the trainer reported; with either, the one a completed trainer ended with."""
+    if not spec.evaluation.enabled:
+        return
+    wanted = []
+    if spec.evaluation.checkpoints == "every" and d.old.latest_checkpoint is not None:
+        wanted.append(d.old.latest_checkpoint)
+    if pod.state is PodState.COMPLETED and (final := _final_checkpoint(d, pod)) is not None:
+        wanted.append(final)
+    done = {job.step for job in evaluations} | {score.checkpoint_step for score in d.evaluations}
+    for checkpoint in wanted:
+        if checkpoint.step not in done:
+            done.add(checkpoint.step)
+            d.create_jobs.append(checkpoint.model_copy(update={"time": None}))
+
+
+def _fold(spec: GRPORunSpec, d: _Draft, evaluations: Sequence[EvaluationObservation]) -> None:
+    """Scores: those stored, and those of every Job that has finished (a later score of the same
+    checkpoint and benchmark wins); the best checkpoint by selectBy; failed evaluations."""
+    table = {(score.checkpoint_step, score.benchmark): score for score in d.old.evaluations}
+    for job in evaluations:
+        table.update({(score.checkpoint_step, score.benchmark): score for score in job.scores})
+    d.evaluations = sorted(table.values(), key=lambda score: (score.checkpoint_step, BENCHMARKS.index(score.benchmark)))
+    for step in sorted({key[0] for key in table} - {score.checkpoint_step for score in d.old.evaluations}):
+        d.notes.append(Event("Normal", "Evaluated", f"checkpoint step {step}: {_scores_text(d, step)}"))
+
+    best = best_step(d.evaluations, spec.evaluation.select_by, spec.evaluation.benchmarks)
+    if best is None:
+        d.scores = d.best_checkpoint = None
+    else:
+        d.scores = Scores(**{score.benchmark: score.score for score in d.evaluations if score.checkpoint_step == best})
+        d.best_checkpoint = CheckpointRef(step=best, uri=_uri_of(d, best, evaluations))
+
+    failed = [job for job in evaluations if job.state is EvaluationState.FAILED]
+    if failed:
+        shown = failed[-_FAILURES_SHOWN:]  # a condition's message is bounded; each names a few KB at most
+        message = "; ".join(f"step {job.step}: {job.reason}: {job.message}" for job in shown)
+        if len(failed) > len(shown):
+            message = f"{len(failed)} evaluations failed, the last {len(shown)}: {message}"
+        before = d.condition("EvaluationFailed")
+        if before is None or before.message != message:  # a failure not reported yet
+            d.notes.append(Event("Warning", failed[-1].reason, failed[-1].message))
+        d.set("EvaluationFailed", True, failed[-1].reason, message)
+
+
+def _scores_text(d: _Draft, step: int) -> str:
+    return ", ".join(f"{score.benchmark} {score.score:.3f}" for score in d.evaluations if score.checkpoint_step == step)
+
+
+def _uri_of(d: _Draft, step: int, evaluations: Sequence[EvaluationObservation]) -> str:
+    """The URI of checkpoint ``step``: as its Job or the status names it."""
+    known = [job.checkpoint_uri for job in evaluations if job.step == step and job.checkpoint_uri]
+    known += [ref.uri for ref in (d.old.best_checkpoint, d.old.latest_checkpoint) if ref is not None and ref.step == step]
+    return known[0] if known else ""
 
 
 def _expire(spec: GRPORunSpec, d: _Draft) -> None:

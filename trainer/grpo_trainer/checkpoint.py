@@ -14,7 +14,8 @@ no manifest, and readers skip it. The data position needs no saving: which promp
 on and its sampling seed are pure functions of the step (see train.py).
 
 Every rank writes its share into a local staging folder (the ranks of a run share one node), then
-rank 0 uploads the folder, writes the manifest and prunes old checkpoints.
+rank 0 uploads the folder, writes the manifest and prunes old checkpoints (see
+:meth:`CheckpointStore.prune` for which it keeps, evaluations included).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from grpo_trainer.scores import EVALUATIONS_DIR, SCORES_FILE, best_step, parse_scores
+from grpo_trainer.spec import BenchmarkScore, EvaluationSpec
 from grpo_trainer.storage import IntegrityError, Storage, StorageError, open_storage
 
 logger = logging.getLogger(__name__)
@@ -42,6 +45,9 @@ ENGINE_DIR = "engine"
 ENGINE_TAG = "state"
 STATE_FILE = "trainer/state.json"
 FORMAT_VERSION = 1
+EVALUATION_MARGIN_SECONDS = 3600
+"""Beyond spec.evaluation.deadlineSeconds, how long a checkpoint may await its evaluation: the
+operator creates the Job within minutes of the checkpoint's report (its resync is 5 minutes)."""
 
 
 class CheckpointError(StorageError):
@@ -129,15 +135,24 @@ class CheckpointStore:
             complete.append(manifest)
         return complete
 
-    def upload(self, local_dir: Path, step: int, world_size: int, score: float | None, *, keep_last: int) -> Manifest:
-        """Upload a staged checkpoint, then its manifest, then prune to ``keep_last``."""
+    def upload(
+        self,
+        local_dir: Path,
+        step: int,
+        world_size: int,
+        score: float | None,
+        *,
+        keep_last: int,
+        evaluation: EvaluationSpec | None = None,
+    ) -> Manifest:
+        """Upload a staged checkpoint, then its manifest, then prune (keep_last and evaluation as prune takes them)."""
         prefix = checkpoint_prefix(step)
         self.storage.delete(f"{prefix}/{MANIFEST}")  # an older save of this step is no longer complete
         uploaded = self.storage.upload_dir(local_dir, prefix)
         files = {item.key.removeprefix(f"{prefix}/"): FileEntry(item.size, item.sha256) for item in uploaded}
         manifest = Manifest(step, world_size, files, score)
         self.storage.put_bytes(f"{prefix}/{MANIFEST}", manifest.to_json())
-        self.prune(keep_last)
+        self.prune(keep_last, evaluation)
         return manifest
 
     def download(self, manifest: Manifest, local_dir: Path, only: str = "") -> Path:
@@ -163,9 +178,20 @@ class CheckpointStore:
             return manifest
         return None
 
-    def prune(self, keep_last: int) -> None:
-        """Keep the newest ``keep_last`` complete checkpoints and the best-scoring one; delete the
-        rest, and leftovers of interrupted saves older than the newest complete checkpoint."""
+    def prune(self, keep_last: int, evaluation: EvaluationSpec | None = None, *, now: float | None = None) -> None:
+        """Keep the newest ``keep_last`` complete checkpoints and the best-scoring one (mean reward);
+        delete the rest, and leftovers of interrupted saves older than the newest complete checkpoint.
+
+        When the operator evaluates every checkpoint (``evaluation.checkpoints: every`` with
+        benchmarks), also keep the best evaluated one (scores.best_step by ``selectBy``) and each
+        one awaiting its evaluation: no valid ``evaluations/step-N/scores.json`` yet, and written
+        less than ``deadlineSeconds`` + EVALUATION_MARGIN_SECONDS ago (``now`` is the clock the
+        manifests' times are on). A checkpoint whose evaluation Job failed for good never gets
+        its scores.json: it stays only until then, because the Job has certainly ended by that
+        time (activeDeadlineSeconds bounds it, retries included) and the operator does not
+        evaluate a checkpoint twice, so keeping it longer would only fill the store. With
+        ``final`` nothing more is kept: the one evaluated checkpoint is the newest. Evaluation
+        results are never deleted."""
         complete = self.manifests()
         if not complete:
             return
@@ -173,6 +199,8 @@ class CheckpointStore:
         scored = [manifest for manifest in complete if manifest.score is not None]
         if scored:
             keep.add(max(scored, key=lambda manifest: (manifest.score, manifest.step)).step)
+        if evaluation is not None and evaluation.enabled and evaluation.checkpoints == "every":
+            keep |= self._kept_for_evaluation(complete, evaluation, time.time() if now is None else now)
         newest = complete[0].step
         complete_steps = {manifest.step for manifest in complete}
         for prefix in sorted({"/".join(obj.key.split("/")[:2]) for obj in self.storage.list_objects(PREFIX)}):
@@ -182,6 +210,29 @@ class CheckpointStore:
             self.storage.delete(f"{prefix}/{MANIFEST}")  # first, so a half-deleted checkpoint is never complete
             self.storage.delete_prefix(prefix)
             logger.info("deleted checkpoint %s", self.storage.uri_for(prefix))
+
+    def _kept_for_evaluation(self, complete: list[Manifest], evaluation: EvaluationSpec, now: float) -> set[int]:
+        """The checkpoints awaiting their evaluation, and the best evaluated one of those there are."""
+        evaluated = self.evaluations()
+        patience = evaluation.deadline_seconds + EVALUATION_MARGIN_SECONDS
+        awaiting = {m.step for m in complete if m.step not in evaluated and now - m.created < patience}
+        scores = [score for m in complete for score in evaluated.get(m.step, [])]
+        best = best_step(scores, evaluation.select_by, evaluation.benchmarks)
+        return awaiting | ({best} if best is not None else set())
+
+    def evaluations(self) -> dict[int, list[BenchmarkScore]]:
+        """step → the scores of each finished evaluation in the run's storage (a valid scores.json);
+        one that is not valid is skipped with a warning, as still unfinished."""
+        found = {}
+        for obj in self.storage.list_objects(EVALUATIONS_DIR):
+            match = re.fullmatch(rf"{EVALUATIONS_DIR}/step-(\d+)/{re.escape(SCORES_FILE)}", obj.key)
+            if match is None:
+                continue
+            try:
+                found[int(match.group(1))] = parse_scores(self.storage.get_bytes(obj.key), self.storage.uri_for(obj.key))
+            except (ValueError, StorageError) as error:
+                logger.warning("skipping an evaluation: %s", error)
+        return found
 
 
 def _step_of(prefix: str) -> int | None:

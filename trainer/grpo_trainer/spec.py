@@ -404,17 +404,44 @@ class CheckpointSpec(APIModel):
 
 
 class EvaluationSpec(APIModel):
+    """Which checkpoints the operator evaluates, each in a batch/v1 Job running ``grpo eval``, and how."""
+
     benchmarks: list[Benchmark] = Field(default_factory=lambda: list(BENCHMARKS), max_length=len(BENCHMARKS))
     samples_per_problem: int = Field(default=1, ge=1, le=256)
     temperature: float = Field(default=0.6, ge=0, le=10)
     top_p: float = Field(default=0.95, gt=0, le=1)
     max_new_tokens: int = Field(default=32768, ge=1)
-    checkpoints: Literal["final", "every", "none"] = "final"
-    gpus: int = Field(default=1, ge=1, le=16)
+    checkpoints: Literal["final", "every", "none"] = Field(
+        default="final",
+        description="final: the checkpoint training ends with; every: each checkpoint as it is written; none: no evaluation.",
+    )
+    gpus: int = Field(default=1, ge=1, le=16, description="GPUs of each evaluation Job.")
+    select_by: Literal["mean", "aime24", "math500", "amc23", "minerva", "olympiadbench"] = Field(
+        default="mean",
+        description=(
+            "How status.bestCheckpoint is chosen (and which checkpoint pruning keeps): the highest mean "
+            "score over the benchmarks, or the highest score on the one benchmark named."
+        ),
+    )
+    deadline_seconds: int = Field(
+        default=21600,
+        ge=60,
+        description="activeDeadlineSeconds of each evaluation Job: past it the evaluation fails (32k-token samples take hours).",
+    )
 
     cel_rules: ClassVar[tuple[CelRule, ...]] = (
         CelRule("self.benchmarks.all(b, self.benchmarks.exists_one(c, c == b))", "must not repeat a benchmark", field=".benchmarks"),
+        CelRule(
+            "self.selectBy == 'mean' || self.selectBy in self.benchmarks",
+            "must be mean or one of the benchmarks",
+            field=".selectBy",
+        ),
     )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any checkpoint of the run is evaluated."""
+        return self.checkpoints != "none" and bool(self.benchmarks)
 
 
 # ------------------------------------------------------------------------------------ the run

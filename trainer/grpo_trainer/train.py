@@ -150,7 +150,10 @@ def train(
         score = sum(since_last) / len(since_last) if since_last else None
         try:
             manifest = _on_rank_0(
-                lambda: store.upload(staging / "save", step, world_size, score, keep_last=spec.checkpoints.keep_last)
+                lambda: store.upload(
+                    staging / "save", step, world_size, score,
+                    keep_last=spec.checkpoints.keep_last, evaluation=spec.evaluation,
+                )
             )
         except StorageError as error:
             raise CheckpointWriteError(f"checkpoint of step {step}: {error}") from error
