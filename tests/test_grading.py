@@ -532,3 +532,73 @@ def test_solution_golds_of_math500_and_minerva_verify(shared_data, default_grade
     failing = {row["answer"] for row, verdict in zip(items, verdicts) if not verdict.correct}
     assert failing == {answer for (b, answer) in NOT_SELF_VERIFYING if b == "math500"}
 
+
+# How each benchmark's paper-comparable profile reads its golds, computed from ../shared/data.
+# Only OlympiadBench has golds that extract nothing and so are compared as strings: its 409 answers
+# written without $…$ (364 of them integers, the rest lists such as 7,14,18, intervals, percentages),
+# which LaTeX extraction cannot find without a delimiter. Its 266 answers in $…$ all extract.
+STRING_GOLDS = {"aime24": 0, "math500": 0, "amc23": 0, "minerva": 0, "olympiadbench": 409, "gsm8k": 0}
+# Golds that match but that sympy cannot parse, so that only the matched text is compared, as a
+# string too: Minerva's dM/dt with solar units, -1./3 and E_{1}, E_{2}; OlympiadBench's
+# m_{\max}=n^{2}-n-1, t(0,4] and the upstream typo $221,$8$.
+TEXT_ONLY_GOLDS = {
+    "minerva-27", "minerva-38", "minerva-268", "minerva-269",
+    "olympiadbench-1782", "olympiadbench-2045", "olympiadbench-2349",
+}
+
+
+@pytest.mark.slow
+def test_benchmark_golds_as_their_profiles_read_them(shared_data):
+    string_golds, text_only = {}, set()
+    for benchmark, profile in BENCHMARK_PROFILES.items():
+        string_golds[benchmark] = []
+        for row in rows(shared_data, benchmark):
+            gold = row[BENCHMARK_GOLD_COLUMNS[benchmark]]
+            extracted = gold_extraction(gold, profile)
+            if not extracted:
+                string_golds[benchmark].append(gold)
+            elif all(isinstance(part, str) for part in extracted):
+                text_only.add(row["id"])
+            if benchmark != "olympiadbench":  # there the boxed-gold reading finds the same gold
+                assert verify(extracted, parse_gold(gold)), row["id"]
+    assert {benchmark: len(golds) for benchmark, golds in string_golds.items()} == STRING_GOLDS
+    olympiad = rows(shared_data, "olympiadbench")
+    undelimited = [row["answer"] for row in olympiad if "$" not in row["answer"]]
+    assert sorted(string_golds["olympiadbench"]) == sorted(undelimited)
+    assert sum(bool(re.fullmatch(r"-?\d+", gold)) for gold in string_golds["olympiadbench"]) == 364
+    assert text_only == TEXT_ONLY_GOLDS
+
+
+def spaced(answer: str) -> str:
+    return ", ".join(item.strip() for item in answer.split(","))
+
+
+# Completions a model writes for each gold: its answer boxed as the benchmark spells it, boxed with
+# ", " between list items, and unboxed as "$x = answer$".
+REALISTIC = {
+    "boxed": lambda answer: boxed(answer),
+    "boxed, spaced": lambda answer: boxed(spaced(answer)),
+    "unboxed equation": lambda answer: f"Solving, we get $x = {answer}$.",
+}
+# OlympiadBench's correct verdicts per completion: (paper-comparable reading, boxed-gold reading).
+# The paper compared 409 of its golds as strings: "1, 3" is not "1,3", "x = 11" is not "11". (The
+# one boxed gold that is wrong either way is the typo $221,$8$.) Elsewhere the two readings find
+# the same golds (checked above), so they give the same verdicts.
+OLYMPIADBENCH_CORRECT = {"boxed": (674, 674), "boxed, spaced": (635, 673), "unboxed equation": (260, 669)}
+
+
+@pytest.mark.slow
+def test_paper_reading_against_boxed_gold_reading(shared_data):
+    items = [
+        (style, write(inner(row["answer"])), row["answer"])
+        for row in rows(shared_data, "olympiadbench")
+        for style, write in REALISTIC.items()
+    ]
+    correct = {style: [0, 0] for style in REALISTIC}
+    for reading, profile in enumerate([BENCHMARK_PROFILES["olympiadbench"], BOXED_GOLD]):
+        with Grader(workers=2, timeout_s=30, profile=profile) as grader:
+            verdicts = grader.verify_batch([item[1] for item in items], [item[2] for item in items])
+        assert all(verdict.reason is None for verdict in verdicts)
+        for (style, _, _), verdict in zip(items, verdicts):
+            correct[style][reading] += verdict.correct
+    assert {style: tuple(counts) for style, counts in correct.items()} == OLYMPIADBENCH_CORRECT
