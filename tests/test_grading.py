@@ -1,4 +1,4 @@
-"""The grader: math-verify's verdicts, golds parsed as lighteval did, bounded and crash-proof workers."""
+"""The grader: Open-RS's reward and lighteval's verdicts from math-verify, bounded and crash-proof workers."""
 
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ from math_verify import parser as math_verify_parser
 
 from grpo_trainer import grading
 from grpo_trainer.grading import (
+    BENCHMARK_GOLD_COLUMNS,
+    BENCHMARK_PROFILES,
     GOLD_UNPARSABLE,
     INVALID_INPUT,
     TIMEOUT,
@@ -32,6 +34,7 @@ from grpo_trainer.grading import (
     _Caches,
     _next_chunk,
     get_grader,
+    gold_extraction,
     grade_here,
     parse_gold,
 )
@@ -124,11 +127,117 @@ def test_completion_without_answer_is_wrong_not_failed():
     assert grade_here("<answer>\n27\n</answer>", "27") == Verdict(False)  # no box, no $: Open-RS reads nothing
 
 
-def test_lighteval_profile_reads_unboxed_answers():
+def test_lighteval_profiles_read_unboxed_answers():
     """Open-RS's evaluator also took plain numbers; its reward did not."""
     completion = "So we add them up. The final answer is 27"
-    assert grade_here(completion, "27", profile="lighteval").correct
+    assert grade_here(completion, "27", profile="lighteval-expr") == Verdict(True, "27")
+    assert grade_here(completion, "$27$", profile="lighteval-latex") == Verdict(True, "27")
     assert grade_here(completion, "27", profile="open-rs") == Verdict(False)
+
+
+# ------------------------------------------------------- the lighteval profiles (paper-comparable)
+# Every lighteval-* verdict expected below is the one lighteval ed08481's own extraction and
+# comparison code gives (checked by running it on these inputs; it is not a dependency here).
+
+EXPR, LATEX, BOXED_GOLD = "lighteval-expr", "lighteval-latex", "lighteval-boxed-gold"
+
+
+def test_a_gold_that_extracts_nothing_is_compared_as_a_string():
+    """lighteval fell back to the raw gold: it equals the prediction's matched text, stripped, or nothing."""
+    assert gold_extraction("7,14,18", LATEX) == []  # no $…$: LaTeX extraction finds nothing
+    assert grade_here(boxed("7,14,18"), "7,14,18", LATEX) == Verdict(True, "7,14,18")
+    assert grade_here(boxed("7,14,18"), " 7,14,18\n", LATEX).correct
+    assert grade_here(boxed("7, 14, 18"), "7,14,18", LATEX) == Verdict(False, "7, 14, 18")
+    assert grade_here(boxed("7, 14, 18"), "7,14,18", BOXED_GOLD).correct
+    # Graded, never gold_unparsable; an empty string equals nothing.
+    assert grade_here(boxed("1"), "", LATEX) == Verdict(False, "1")
+    assert grade_here(boxed("1"), "", BOXED_GOLD) == Verdict(False, reason=GOLD_UNPARSABLE)
+
+
+@pytest.mark.parametrize("answer", ["2.0", "\\frac{4}{2}", "\\mathbf{2}", "x = 2", "\\{2\\}"])
+def test_a_parsed_prediction_never_matches_a_string_gold(answer):
+    """The value 2 spelled otherwise than the gold "2": wrong against the string, right against $2$."""
+    assert not grade_here(boxed(answer), "2", LATEX).correct
+    assert grade_here(boxed(answer), "$2$", LATEX).correct
+    assert grade_here(boxed(answer), "2", BOXED_GOLD).correct
+
+
+@pytest.mark.parametrize(
+    ("completion", "gold", "paper", "boxed_gold"),
+    [
+        (boxed("7, 14, 18"), "7, 14, 18", True, True),
+        (boxed("7,14,18"), "7, 14, 18", False, True),
+        (boxed("\\{7,14,18\\}"), "7,14,18", False, True),
+        (boxed("\\{1,2,3,4\\}"), "\\{1,2,3,4\\}", True, True),  # a bare set is a string too
+        (boxed("1,2,3,4"), "\\{1,2,3,4\\}", False, True),
+        (boxed("1,2,3,4"), "$\\{1,2,3,4\\}$", True, True),
+        ("Thus the answer is $\\mathbf{12}$.", "12", False, True),
+        ("Thus the answer is $\\mathbf{12}$.", "$12$", True, True),
+        ("Solving, we get $x = 11$.", "11", False, True),
+        ("Solving, we get $x = 11$.", "$11$", True, True),
+    ],
+)
+def test_olympiadbench_style_golds(completion, gold, paper, boxed_gold):
+    """OlympiadBench spells 409 answers without $…$: lighteval compared those as strings."""
+    assert grade_here(completion, gold, LATEX).correct is paper
+    assert grade_here(completion, gold, BOXED_GOLD).correct is boxed_gold
+
+
+def test_expr_and_latex_read_the_same_gold_differently():
+    assert gold_extraction("27", EXPR)[0] == 27
+    assert gold_extraction("27", LATEX) == []
+    assert gold_extraction("\\frac{14}{3}", EXPR) == []
+    assert gold_extraction("\\frac{14}{3}", LATEX)[0] == sympy.Rational(14, 3)
+    # The plain-expression reader takes a list's last number, so the profile must match the benchmark.
+    assert gold_extraction("7, 14, 18", EXPR) == [18, "18"]
+    assert grade_here(boxed("18"), "7, 14, 18", EXPR).correct
+    assert not grade_here(boxed("18"), "7, 14, 18", LATEX).correct
+    # An unboxed $x = 11$ reads as 11 beside a plain gold: an equation's right side.
+    assert grade_here("Solving, we get $x = 11$.", "11", EXPR).correct
+
+
+def test_lighteval_compares_to_five_decimal_places():
+    third = "$\\frac{1}{3}$"
+    assert grade_here(boxed("0.33333"), third, LATEX).correct
+    assert not grade_here(boxed("0.3333"), third, LATEX).correct
+    assert not grade_here(boxed("0.33333"), third, "open-rs").correct  # the reward's precision is 6
+
+
+def test_lighteval_extracts_latex_before_plain_expressions():
+    """A plain expression and a LaTeX one matched at the same place: lighteval took the LaTeX reading
+    whatever order the targets were listed in; math-verify takes the first listed."""
+    completion = "answer = $ 2^3^2 $"  # LaTeX: (2^3)^2; Python: 2**(3**2)
+    as_listed = parse(completion, [ExprExtractionConfig(), LatexExtractionConfig(boxed_match_priority=0)])
+    assert as_listed[0].doit() == 512
+    assert grade_here(completion, "64", EXPR).correct
+    assert not grade_here(completion, "512", EXPR).correct
+
+
+def test_lighteval_latex_gold_takes_a_final_answer_before_a_box():
+    """lighteval's LatexExtractionConfig() boxes at priority 55, after "final answer … is" (50);
+    math-verify's at 50, beside it, where the rightmost match wins."""
+    gold = "The final answer is $5$, and we check: $\\boxed{6}$"
+    assert parse(gold, [LatexExtractionConfig()])[0] == 6
+    assert gold_extraction(gold, LATEX)[0] == 5
+    assert grade_here(boxed("5"), gold, LATEX).correct
+    assert not grade_here(boxed("6"), gold, LATEX).correct
+
+
+def test_lighteval_profiles_bound_parses_and_comparisons_at_five_seconds(monkeypatch):
+    """lighteval's metric gave each parse and comparison a 5 s alarm (math-verify's default is 3 s)."""
+    alarms = []
+
+    def recorded(function, alarm):
+        def call(*args, **kwargs):
+            alarms.append((function.__name__, kwargs[alarm]))
+            return function(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(math_verify, "parse", recorded(math_verify.parse, "parsing_timeout"))
+    monkeypatch.setattr(math_verify, "verify", recorded(math_verify.verify, "timeout_seconds"))
+    assert grade_here(boxed("4187"), "$4187$", LATEX).correct  # a gold no other test reads (cached)
+    assert alarms == [("parse", 5), ("parse", 5), ("verify", 5)]
 
 
 # ---------------------------------------------------------------------------------- the pool
@@ -318,22 +427,22 @@ def test_a_failed_parse_is_not_kept(caches, monkeypatch):
 def test_a_verify_that_may_have_timed_out_is_not_kept(caches, monkeypatch):
     """verify() turns a comparison past its alarm into False: that False must not be reused."""
     clock = [0.0]
-    outcomes = iter([(3.0, False), (0.01, True)])  # (seconds taken, result)
+    outcomes = iter([(5.0, False), (0.01, True)])  # (seconds taken, result)
     calls = []
 
     def slow_verify(first, second, precision, timeout_seconds):
         seconds, result = next(outcomes)
         clock[0] += seconds
-        calls.append(seconds)
+        calls.append((seconds, timeout_seconds))
         return result
 
     monkeypatch.setattr(math_verify, "verify", slow_verify)
     monkeypatch.setattr(grading, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     answer, gold = [sympy.Integer(5), "5"], [sympy.Integer(5), "5"]
-    assert caches.verify(answer, gold, 6) is False
-    assert caches.verify(answer, gold, 6) is True
-    assert caches.verify(answer, gold, 6) is True
-    assert calls == [3.0, 0.01]
+    assert caches.verify(answer, gold, 5, 5) is False  # the lighteval profiles' 5 s alarm
+    assert caches.verify(answer, gold, 5, 5) is True
+    assert caches.verify(answer, gold, 5, 5) is True
+    assert calls == [(5.0, 5), (0.01, 5)]
 
 
 def test_verify_results_are_kept_for_the_same_objects_only(caches):
@@ -341,17 +450,17 @@ def test_verify_results_are_kept_for_the_same_objects_only(caches):
     half, other_half = sympy.Float("0.5"), sympy.Float("0.5")
     assert half == other_half and half is not other_half  # equal, but another parse's
     for answer in ([half, "0.5"], [other_half, "0.5"], [half, "0.5"]):
-        assert caches.verify(answer, gold, 6)
+        assert caches.verify(answer, gold, 6, 3)
     assert (caches.verify_misses, caches.verify_hits) == (2, 1)
 
 
 def test_caches_hold_at_most_their_entries(caches):
     for n in range(10):
         math_verify_parser.parse_latex_with_timeout(str(n), timeout_seconds=3)
-        caches.verify([sympy.Integer(n), str(n)], [sympy.Integer(3), "3"], 6)
+        caches.verify([sympy.Integer(n), str(n)], [sympy.Integer(3), "3"], 6, 3)
     long_sum = "+".join(["1"] * 200)
     math_verify_parser.parse_latex_with_timeout(long_sum, timeout_seconds=3)
-    assert caches.verify([sympy.Integer(200), long_sum], [sympy.Integer(200), "200"], 6)
+    assert caches.verify([sympy.Integer(200), long_sum], [sympy.Integer(200), "200"], 6, 3)
     assert caches.parsers[0].cache_info().currsize == 4
     assert len(caches.verified) == 4
     assert caches.stats()["parse_misses"] == 10  # the long string went to math-verify's own cache
@@ -399,7 +508,7 @@ def test_bare_golds_read_as_lighteval_read_them(shared_data):
     """lighteval read AIME and AMC golds with ExprExtractionConfig; boxing them reads the same."""
     golds = {row["answer"] for b in ("aime24", "amc23", "gsm8k") for row in rows(shared_data, b)}
     for gold in golds:  # the parsed values; the matched texts differ ("055" vs "55")
-        assert parse_gold(gold)[0] == parse(gold, [ExprExtractionConfig()])[0], gold
+        assert parse_gold(gold)[0] == gold_extraction(gold, EXPR)[0], gold
 
 
 @pytest.mark.slow
@@ -422,3 +531,74 @@ def test_solution_golds_of_math500_and_minerva_verify(shared_data, default_grade
     verdicts = default_grader.verify_batch([boxed(row["answer"]) for row in items], [row["solution"] for row in items])
     failing = {row["answer"] for row, verdict in zip(items, verdicts) if not verdict.correct}
     assert failing == {answer for (b, answer) in NOT_SELF_VERIFYING if b == "math500"}
+
+
+# How each benchmark's paper-comparable profile reads its golds, computed from ../shared/data.
+# Only OlympiadBench has golds that extract nothing and so are compared as strings: its 409 answers
+# written without $…$ (364 of them integers, the rest lists such as 7,14,18, intervals, percentages),
+# which LaTeX extraction cannot find without a delimiter. Its 266 answers in $…$ all extract.
+STRING_GOLDS = {"aime24": 0, "math500": 0, "amc23": 0, "minerva": 0, "olympiadbench": 409, "gsm8k": 0}
+# Golds that match but that sympy cannot parse, so that only the matched text is compared, as a
+# string too: Minerva's dM/dt with solar units, -1./3 and E_{1}, E_{2}; OlympiadBench's
+# m_{\max}=n^{2}-n-1, t(0,4] and the upstream typo $221,$8$.
+TEXT_ONLY_GOLDS = {
+    "minerva-27", "minerva-38", "minerva-268", "minerva-269",
+    "olympiadbench-1782", "olympiadbench-2045", "olympiadbench-2349",
+}
+
+
+@pytest.mark.slow
+def test_benchmark_golds_as_their_profiles_read_them(shared_data):
+    string_golds, text_only = {}, set()
+    for benchmark, profile in BENCHMARK_PROFILES.items():
+        string_golds[benchmark] = []
+        for row in rows(shared_data, benchmark):
+            gold = row[BENCHMARK_GOLD_COLUMNS[benchmark]]
+            extracted = gold_extraction(gold, profile)
+            if not extracted:
+                string_golds[benchmark].append(gold)
+            elif all(isinstance(part, str) for part in extracted):
+                text_only.add(row["id"])
+            if benchmark != "olympiadbench":  # there the boxed-gold reading finds the same gold
+                assert verify(extracted, parse_gold(gold)), row["id"]
+    assert {benchmark: len(golds) for benchmark, golds in string_golds.items()} == STRING_GOLDS
+    olympiad = rows(shared_data, "olympiadbench")
+    undelimited = [row["answer"] for row in olympiad if "$" not in row["answer"]]
+    assert sorted(string_golds["olympiadbench"]) == sorted(undelimited)
+    assert sum(bool(re.fullmatch(r"-?\d+", gold)) for gold in string_golds["olympiadbench"]) == 364
+    assert text_only == TEXT_ONLY_GOLDS
+
+
+def spaced(answer: str) -> str:
+    return ", ".join(item.strip() for item in answer.split(","))
+
+
+# Completions a model writes for each gold: its answer boxed as the benchmark spells it, boxed with
+# ", " between list items, and unboxed as "$x = answer$".
+REALISTIC = {
+    "boxed": lambda answer: boxed(answer),
+    "boxed, spaced": lambda answer: boxed(spaced(answer)),
+    "unboxed equation": lambda answer: f"Solving, we get $x = {answer}$.",
+}
+# OlympiadBench's correct verdicts per completion: (paper-comparable reading, boxed-gold reading).
+# The paper compared 409 of its golds as strings: "1, 3" is not "1,3", "x = 11" is not "11". (The
+# one boxed gold that is wrong either way is the typo $221,$8$.) Elsewhere the two readings find
+# the same golds (checked above), so they give the same verdicts.
+OLYMPIADBENCH_CORRECT = {"boxed": (674, 674), "boxed, spaced": (635, 673), "unboxed equation": (260, 669)}
+
+
+@pytest.mark.slow
+def test_paper_reading_against_boxed_gold_reading(shared_data):
+    items = [
+        (style, write(inner(row["answer"])), row["answer"])
+        for row in rows(shared_data, "olympiadbench")
+        for style, write in REALISTIC.items()
+    ]
+    correct = {style: [0, 0] for style in REALISTIC}
+    for reading, profile in enumerate([BENCHMARK_PROFILES["olympiadbench"], BOXED_GOLD]):
+        with Grader(workers=2, timeout_s=30, profile=profile) as grader:
+            verdicts = grader.verify_batch([item[1] for item in items], [item[2] for item in items])
+        assert all(verdict.reason is None for verdict in verdicts)
+        for (style, _, _), verdict in zip(items, verdicts):
+            correct[style][reading] += verdict.correct
+    assert {style: tuple(counts) for style, counts in correct.items()} == OLYMPIADBENCH_CORRECT

@@ -1,20 +1,59 @@
 """The answer grader: math-verify in a pool of worker processes that a hang or crash cannot escape.
 
-One grader serves the reward and the benchmark scores, so both read answers the same way:
+One grader serves the reward and the benchmark scores. What it compares is set by its profile:
 
-- the completion's final answer is extracted as Open-RS's accuracy reward did (boxed first; LaTeX
-  only, well-formed operators required, nothing taken without an anchor such as ``\\boxed`` or
-  "answer"; the first match decides), or, with ``profile="lighteval"``, as the lighteval extractive
-  match that scored the paper's benchmarks did;
-- the gold is parsed as lighteval parsed the golds of the paper's benchmarks. A gold that marks
-  its answer (a solution with ``\\boxed{}``, OlympiadBench's ``$…$``) is read with LaTeX
-  extraction, as lighteval read MATH-500, Minerva and OlympiadBench. A bare gold such as ``27`` or
-  ``\\frac{14}{3}`` is read as ``\\boxed{27}``: for AIME and AMC that gives what lighteval's
-  plain-expression reading gave (27 is 27), and for a bare LaTeX answer it is what lighteval found
-  in the solution that ends with it. (A plain-expression reader is not also run on solutions: it
-  would take a stray number from one whose boxed answer sympy cannot read, 3 from Minerva's
-  ``-1./3``.) A gold that still yields nothing is never rewarded against: the verdict is wrong with
-  reason ``gold_unparsable``, where Open-RS's reward paid 1.0 to every completion.
+- ``open-rs``, the training reward: the completion's final answer is extracted as Open-RS's accuracy
+  reward did (boxed first; LaTeX only, well-formed operators required, nothing taken without an
+  anchor such as ``\\boxed`` or "answer"; the first match decides). The gold is read by
+  :func:`parse_gold`: a gold that marks its answer (a solution with ``\\boxed{}``, OlympiadBench's
+  ``$…$``) with LaTeX extraction, a bare gold such as ``27`` or ``\\frac{14}{3}`` as
+  ``\\boxed{27}``. (A plain-expression reader is not also run on solutions: it would take a stray
+  number from one whose boxed answer sympy cannot read, 3 from Minerva's ``-1./3``.) A gold that
+  still yields nothing is never rewarded against: the verdict is wrong with reason
+  ``gold_unparsable``, where Open-RS's reward paid 1.0 to every completion.
+- ``lighteval-expr`` and ``lighteval-latex``, the paper-comparable benchmark scores: exactly the
+  verdicts of lighteval ed08481's ``multilingual_extractive_match_metric`` as Open-RS's
+  ``evaluate.py`` configured it (predictions with ``ExprExtractionConfig()`` and
+  ``LatexExtractionConfig(boxed_match_priority=0)``, any match, fallback "first_match",
+  precision 5). The gold is read with ``ExprExtractionConfig`` (``-expr``: AIME, AMC, GSM8K) or
+  ``LatexExtractionConfig`` (``-latex``: MATH-500, Minerva, OlympiadBench); see
+  ``BENCHMARK_PROFILES``. Where that reading finds nothing, lighteval compared the raw gold string,
+  and so do we: it equals only the string that "first_match" appends to a prediction (the first
+  match's normalised text), after ``.strip()``; a parsed prediction never equals it. So an
+  OlympiadBench gold written without ``$`` (409 of its 675), ``7,14,18``, is matched by
+  ``\\boxed{7,14,18}`` but not by ``\\boxed{7, 14, 18}`` or ``\\boxed{\\{7,14,18\\}}``, and the gold
+  ``11`` is not matched by ``$x = 11$``. Such a gold is graded, never ``gold_unparsable``.
+  lighteval scored a problem 1 if any pair (part of the gold's extraction, part of the
+  prediction's) compared equal, which is the product ``verify()`` takes, and took the best over a
+  problem's completions; Open-RS sampled one per problem, so one verdict here is one problem's
+  score. A comparison that raises or outlasts its alarm counts as unequal; a parse that does
+  yields no value, and the next match is tried.
+- ``lighteval-boxed-gold``, a second benchmark score beside the paper-comparable one: predictions
+  as the lighteval profiles read them, golds as ``open-rs`` reads them (a bare gold as
+  ``\\boxed{gold}``, so ``7,14,18`` is the set {7, 14, 18}; nothing left unparsed is ever
+  string-compared). It grades the answer's value where the paper's metric graded the spelling of
+  409 OlympiadBench answers; it is not comparable with the paper's numbers.
+
+lighteval ed08481 carries its own copy of math-verify's extraction and comparison (synced
+2025-02-05); where it differs from math-verify 0.5.2, the lighteval profiles follow lighteval:
+
+- it orders extraction targets LaTeX before plain expressions whatever order they are given in,
+  where math-verify keeps the given order; among matches of one priority that start and end at the
+  same place the first target's wins (``answer = $ 2^3^2 $``: LaTeX's 64, Python's 512), so the
+  predictions are extracted with LaTeX listed first;
+- its ``LatexExtractionConfig`` matches ``\\boxed`` at priority 55 by default (math-verify: 50), after
+  a "final answer … is" match rather than beside it: the LaTeX gold is read with that priority;
+- its parses and comparisons have 5 s alarms (math-verify's defaults: 3 s); a comparison that
+  outlasts its alarm is False in both.
+
+Its comparison code (``compare_gold_target`` against ``verify``) is math-verify's, functions moved
+about; ``verify`` is called as lighteval called ``compare_gold_target``, gold first. Two copy
+differences are left out, as no verdict depends on them. When one completion joins several LaTeX
+answers with "and" or commas, lighteval flattens any sympy ``FiniteSet`` among them into the tuple
+of answers, math-verify only latex2sympy's own; latex2sympy 1.0.6 builds every set with its own
+``FiniteSet`` (and leaves set operations unevaluated), so no parsed answer tells the two apart.
+And math-verify's ``parse()`` turns an exception raised while extracting into no match, where
+lighteval's would have stopped the whole evaluation: there is no verdict of lighteval's to follow.
 
 math-verify bounds its sympy steps with SIGALRM, which only works in a main thread and does not
 cover its regexes or LaTeX normalisation. So every parse and verify runs in a worker process (its
@@ -50,7 +89,27 @@ from typing import Any, Literal, Sequence
 
 log = logging.getLogger(__name__)
 
-Profile = Literal["open-rs", "lighteval"]
+Profile = Literal["open-rs", "lighteval-expr", "lighteval-latex", "lighteval-boxed-gold"]
+
+BENCHMARK_PROFILES: dict[str, Profile] = {
+    "aime24": "lighteval-expr",
+    "amc23": "lighteval-expr",
+    "math500": "lighteval-latex",
+    "minerva": "lighteval-latex",
+    "olympiadbench": "lighteval-latex",
+    "gsm8k": "lighteval-expr",  # bare numbers, as AIME's and AMC's
+}
+"""The paper-comparable profile of each benchmark: the gold extraction Open-RS's evaluate.py gave its task."""
+
+BENCHMARK_GOLD_COLUMNS = {
+    "aime24": "answer",
+    "math500": "solution",
+    "amc23": "answer",
+    "minerva": "solution",
+    "olympiadbench": "answer",
+    "gsm8k": "answer",
+}
+"""The column of ../shared/data/<benchmark>/test.jsonl that lighteval took each gold from (its README)."""
 
 GOLD_UNPARSABLE = "gold_unparsable"
 INVALID_INPUT = "invalid_input"
@@ -59,13 +118,13 @@ WORKER_CRASHED = "worker_crashed"
 WORKER_ERROR = "worker_error"
 
 ANSWER_PREVIEW_CHARS = 200
-"""The extracted answer a verdict carries is cut to this length (it is for logs, not grading)."""
+"""The extracted answer a verdict carries is cut to this length (it is for logs and eval rows; grading
+used all of it)."""
 
 CACHE_ENTRIES = 4096
 """Parsed strings, and verify() results, that a worker keeps (math-verify itself keeps 20 parses)."""
 
 _CACHED_CHARS = 256  # longer strings are rare and bulky; they keep math-verify's own 20-entry cache
-_VERIFY_ALARM_S = 3  # math-verify's default: a comparison that outlasts its alarm is False
 
 _STARTUP_TIMEOUT_S = 120.0
 _READY = "ready"
@@ -76,8 +135,8 @@ _CACHE_STATS = "cache_stats"
 class Verdict:
     """The grade of one completion against one gold.
 
-    ``answer`` is the completion's final answer as math-verify extracted it (None if it found
-    none). ``reason`` is set only when the pair could not be graded (``gold_unparsable``,
+    ``answer`` is the text of the completion's final answer as the profile extracted it (None if it
+    found none). ``reason`` is set only when the pair could not be graded (``gold_unparsable``,
     ``invalid_input``, ``timeout``, ``worker_crashed``, ``worker_error:<exception>``); such a
     verdict is never correct.
     """
@@ -98,26 +157,32 @@ class _Extraction:
     completion_mode: str
     precision: int
     answer_first: bool  # verify() is not symmetric: which side each evaluator passed first
+    alarm_s: int  # math-verify's SIGALRM bound on each parse and each comparison
 
 
-@lru_cache(maxsize=2)
+_LIGHTEVAL_ALARM_S = 5  # multilingual_extractive_match_metric's timeout_seconds, unset by Open-RS
+_MATH_VERIFY_ALARM_S = 3  # parse()'s and verify()'s defaults, which Open-RS's reward kept
+
+
+@lru_cache(maxsize=None)
 def _extraction(profile: Profile) -> _Extraction:
     from latex2sympy2_extended import NormalizationConfig
     from math_verify import ExprExtractionConfig, LatexExtractionConfig
 
-    if profile == "lighteval":
-        # open-rs src/open_r1/evaluate.py: its pred_extraction_target, precision 5, any match.
-        completion = [ExprExtractionConfig(), LatexExtractionConfig(boxed_match_priority=0)]
-        return _Extraction(completion, "any_match", precision=5, answer_first=False)
-    # open-rs src/open_r1/rewards.py accuracy_reward: well-formed LaTeX, boxed first, first match.
-    completion = LatexExtractionConfig(
-        normalization_config=NormalizationConfig(
-            nits=False, malformed_operators=False, basic_latex=True, equations=True, boxed="all", units=True
-        ),
-        boxed_match_priority=0,
-        try_extract_without_anchor=False,
-    )
-    return _Extraction([completion], "first_match", precision=6, answer_first=True)
+    if profile == "open-rs":
+        # open-rs src/open_r1/rewards.py accuracy_reward: well-formed LaTeX, boxed first, first match.
+        completion = LatexExtractionConfig(
+            normalization_config=NormalizationConfig(
+                nits=False, malformed_operators=False, basic_latex=True, equations=True, boxed="all", units=True
+            ),
+            boxed_match_priority=0,
+            try_extract_without_anchor=False,
+        )
+        return _Extraction([completion], "first_match", 6, answer_first=True, alarm_s=_MATH_VERIFY_ALARM_S)
+    # open-rs src/open_r1/evaluate.py's pred_extraction_target, listed LaTeX first as lighteval
+    # sorted it, precision 5, any match.
+    completion = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
+    return _Extraction(completion, "any_match", 5, answer_first=False, alarm_s=_LIGHTEVAL_ALARM_S)
 
 
 def _marks_its_answer(gold: str) -> bool:
@@ -129,8 +194,8 @@ def _marks_its_answer(gold: str) -> bool:
 
 @lru_cache(maxsize=8192)
 def parse_gold(gold: str) -> list[Any]:
-    """The gold as math-verify reads it (see the module's docstring); cached, so that a worker
-    parses a problem's gold once. Empty if it yields nothing."""
+    """The gold as ``open-rs`` and ``lighteval-boxed-gold`` read it (see the module's docstring);
+    cached, so that a worker parses a problem's gold once. Empty if it yields nothing."""
     from math_verify import LatexExtractionConfig, parse
 
     gold = gold.strip()
@@ -139,6 +204,20 @@ def parse_gold(gold: str) -> list[Any]:
         if parsed:
             return parsed
     return parse(f"\\boxed{{{gold}}}", [LatexExtractionConfig()]) if gold else []
+
+
+@lru_cache(maxsize=8192)
+def gold_extraction(gold: str, profile: Profile) -> list[Any]:
+    """What the profile extracts from a gold: parsed values, then the first match's normalised text
+    (math-verify's fallback "first_match"). Empty if nothing matched, in which case the lighteval
+    profiles compare the raw gold string (see the module's docstring). Cached per worker."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+
+    if profile in ("open-rs", "lighteval-boxed-gold"):
+        return parse_gold(gold)
+    # lighteval's LatexExtractionConfig() boxes at priority 55; math-verify's default is 50.
+    config = ExprExtractionConfig() if profile == "lighteval-expr" else LatexExtractionConfig(boxed_match_priority=55)
+    return parse(gold, [config], parsing_timeout=_LIGHTEVAL_ALARM_S)
 
 
 class _Caches:
@@ -163,7 +242,7 @@ class _Caches:
         self.verified: OrderedDict[tuple, tuple[bool, list, list]] = OrderedDict()
         self.verify_hits = self.verify_misses = 0
 
-    def verify(self, first: list, second: list, precision: int) -> bool:
+    def verify(self, first: list, second: list, precision: int, alarm_s: int) -> bool:
         """math-verify's verify(first, second), remembered for inputs that are the same objects.
 
         Sympy objects count as the same only if they are the same object (the parse cache hands
@@ -176,7 +255,7 @@ class _Caches:
 
         parts = [*first, *second]
         if any(isinstance(part, str) and len(part) > _CACHED_CHARS for part in parts):
-            return verify(first, second, precision=precision, timeout_seconds=_VERIFY_ALARM_S)
+            return verify(first, second, precision=precision, timeout_seconds=alarm_s)
         key = (precision, tuple(map(_identity, first)), tuple(map(_identity, second)))
         if key in self.verified:
             self.verify_hits += 1
@@ -184,8 +263,8 @@ class _Caches:
             return self.verified[key][0]
         self.verify_misses += 1
         started = time.monotonic()
-        correct = verify(first, second, precision=precision, timeout_seconds=_VERIFY_ALARM_S)
-        if time.monotonic() - started < _VERIFY_ALARM_S:
+        correct = verify(first, second, precision=precision, timeout_seconds=alarm_s)
+        if time.monotonic() - started < alarm_s:
             self.verified[key] = (correct, first, second)
             if len(self.verified) > self.entries:
                 self.verified.popitem(last=False)
@@ -211,19 +290,27 @@ def grade_here(
     """Grade in this process, unbounded. Only for a worker's main thread (math-verify's alarms)."""
     from math_verify import parse, verify
 
-    gold_parsed = parse_gold(gold)
+    gold_parsed = gold_extraction(gold, profile)
     if not gold_parsed:
-        return Verdict(False, reason=GOLD_UNPARSABLE)
+        if profile in ("open-rs", "lighteval-boxed-gold"):
+            return Verdict(False, reason=GOLD_UNPARSABLE)
+        # lighteval's fallback: the raw gold, which verify() compares only with a string, stripped.
+        gold_parsed = [gold]
     extraction = _extraction(profile)
-    answer_parsed = parse(completion, extraction.completion, extraction_mode=extraction.completion_mode)
+    answer_parsed = parse(
+        completion,
+        extraction.completion,
+        extraction_mode=extraction.completion_mode,
+        parsing_timeout=extraction.alarm_s,
+    )
     if not answer_parsed:
         return Verdict(False)
-    # verify() turns its own errors and timeouts into False, as Open-RS's reward relied on.
+    # verify() turns its own errors and timeouts into False, as both Open-RS's reward and lighteval did.
     first, second = (answer_parsed, gold_parsed) if extraction.answer_first else (gold_parsed, answer_parsed)
     if caches is not None:
-        correct = caches.verify(first, second, extraction.precision)
+        correct = caches.verify(first, second, extraction.precision, extraction.alarm_s)
     else:
-        correct = verify(first, second, precision=extraction.precision, timeout_seconds=_VERIFY_ALARM_S)
+        correct = verify(first, second, precision=extraction.precision, timeout_seconds=extraction.alarm_s)
     # With fallback "first_match" the last element is the matched text (printing sympy can hang).
     answer = answer_parsed[-1][:ANSWER_PREVIEW_CHARS] if isinstance(answer_parsed[-1], str) else None
     return Verdict(correct, answer)
@@ -331,6 +418,9 @@ class Grader:
     dies, is replaced and that item gets a failed verdict. ``close()`` (or leaving a ``with``
     block) stops the workers; the process-wide grader of :func:`get_grader` is closed at exit.
     ``workers`` defaults to the cores this process may use; ranks sharing a node should split them.
+    The lighteval profiles give each parse and comparison lighteval's 5 s alarm, and lighteval had
+    no bound on a whole item: give them a ``timeout_s`` well above 5 s (30 s, say), or an item
+    lighteval finished may end here as a wrong verdict with reason ``timeout``.
     Each worker caches up to ``cache_entries`` parses and verify() results (0: none); see the
     module's docstring.
     """
