@@ -24,6 +24,7 @@ from grpo_trainer.evaluation import (
     wilson_interval,
 )
 from grpo_trainer.scores import parse_scores
+from grpo_trainer.storage import open_storage
 from grpo_trainer.termination import EXIT_INVALID, Outcome, TerminationMessage
 
 PAPER_SETS = ("aime24", "math500", "amc23", "minerva", "olympiadbench")
@@ -292,3 +293,20 @@ def test_an_output_the_job_may_not_write_fails_before_the_model_loads(bucket, mo
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == EXIT_INVALID and len(lines) == 1, lines
     assert f"s3://{bucket}/run/evaluations/step-00000050" in lines[0] and "no-model" not in lines[0].split(":", 1)[1]
+
+
+def test_the_boxed_gold_score_reads_the_answers_value_where_the_papers_compared_strings(tmp_path, tiny_tokenizer):
+    """OlympiadBench's gold "7,14,18" extracts nothing, so lighteval compared it as a string."""
+    from rich.console import Console
+
+    data = write_set(tmp_path / "data", "olympiadbench", [{"problem": "Which three?", "answer": "7,14,18"}])
+
+    class Spaced:
+        def generate(self, prompts, caps, settings, advance):
+            return [[Sample(tiny_tokenizer("So $\\boxed{7, 14, 18}$", add_special_tokens=False)["input_ids"], False)]]
+
+    storage = open_storage(f"file://{tmp_path / 'out'}")
+    loaded = {"olympiadbench": load_benchmark("olympiadbench", data)}
+    [result] = run_evaluation("m", loaded, EvalSettings(), storage, Spaced(), tiny_tokenizer, step=0, console=Console(quiet=True))
+    assert (result.summary["score"], result.summary["boxedGoldScore"]) == (0.0, 1.0)
+    assert result.rows[0]["boxedGoldCorrect"] and not result.rows[0]["correct"]

@@ -14,7 +14,10 @@ Fidelity to the paper's evaluation (lighteval ed08481 with vLLM, Open-RS's READM
   prompt truncation was a no-op (``input[-0:]`` is the whole prompt), so vLLM stopped each sequence
   at the model length: a completion gets at most ``maxModelLen - len(prompt)`` tokens. We cap it
   so explicitly, for every backend;
-- pass@1 is the mean over problems of each problem's mean over its k samples.
+- pass@1 is the mean over problems of each problem's mean over its k samples;
+- beside it, ``boxedGoldScore`` reads each gold as the training reward does (a bare gold is
+  ``\boxed{gold}``, never compared as a string): the answer's value, not the paper's number. They
+  differ on OlympiadBench, whose 409 golds without ``$…$`` lighteval compared as strings.
 
 The 95 % interval is Wilson's score interval over problems (n = problems, not samples): exact for
 k = 1, where each problem is one Bernoulli draw, and conservative for k > 1, since a per-problem mean
@@ -46,7 +49,8 @@ logger = logging.getLogger(__name__)
 
 Z_95 = 1.959963984540054
 CI_METHOD = "Wilson score interval, 95 %, over problems"
-BACKENDS = ("vllm", "transformers")
+GRADING_TIMEOUT_S = 30.0
+"""A bound on one item's grading: lighteval had none, only 5 s per parse and per comparison."""
 
 
 @dataclass(frozen=True)
@@ -222,14 +226,18 @@ def evaluate_benchmark(
                     "gold": problem.gold,
                 }
             )
-    with Grader(profile=BENCHMARK_PROFILES[name]) as grader:
-        verdicts = grader.verify_batch([row["completion"] for row in rows], [row["gold"] for row in rows])
-    for row, verdict in zip(rows, verdicts):
-        row.update(answer=verdict.answer, correct=verdict.correct, reason=verdict.reason)
+    completions, golds = [row["completion"] for row in rows], [row["gold"] for row in rows]
+    with Grader(profile=BENCHMARK_PROFILES[name], timeout_s=GRADING_TIMEOUT_S) as grader:
+        verdicts = grader.verify_batch(completions, golds)
+    with Grader(profile="lighteval-boxed-gold", timeout_s=GRADING_TIMEOUT_S) as grader:
+        boxed_gold = grader.verify_batch(completions, golds)
+    for row, verdict, value_verdict in zip(rows, verdicts, boxed_gold):
+        row.update(answer=verdict.answer, correct=verdict.correct, reason=verdict.reason, boxedGoldCorrect=value_verdict.correct)
     graded = time.monotonic()
 
     score, n = pass_at_1(rows)
     low, high = wilson_interval(score, n)
+    value_score, _ = pass_at_1([{"id": row["id"], "correct": row["boxedGoldCorrect"]} for row in rows])
     tokens = sum(row["tokens"] for row in rows)
     summary = {
         "benchmark": name,
@@ -237,6 +245,7 @@ def evaluate_benchmark(
         "ciLow": low,
         "ciHigh": high,
         "ciMethod": CI_METHOD,
+        "boxedGoldScore": value_score,
         "n": n,
         "k": settings.samples_per_problem,
         "truncated": sum(row["truncated"] for row in rows),
@@ -300,7 +309,7 @@ def print_table(results: Sequence[BenchmarkResult], console: Console, where: str
     from rich.table import Table
 
     table = Table(title=f"pass@1 (95 % CI: Wilson, over problems) — {where}")
-    for heading in ("benchmark", "score", "95 % CI", "n × k", "truncated", "tokens/s", "wall"):
+    for heading in ("benchmark", "score", "95 % CI", "boxed gold", "n × k", "truncated", "tokens/s", "wall"):
         table.add_column(heading, justify="left" if heading == "benchmark" else "right")
     for result in results:
         s = result.summary
@@ -308,6 +317,7 @@ def print_table(results: Sequence[BenchmarkResult], console: Console, where: str
             result.benchmark,
             f"{100 * s['score']:.1f} %",
             f"[{100 * s['ciLow']:.1f}, {100 * s['ciHigh']:.1f}]",
+            f"{100 * s['boxedGoldScore']:.1f} %",
             f"{s['n']} × {s['k']}",
             str(s["truncated"]),
             f"{s['tokensPerSecond']:.0f}",
