@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import celpy
@@ -22,7 +23,7 @@ from openapi_schema_validator import OAS30Validator
 from grpo_operator.crd import render_crd
 from grpo_trainer import spec
 from grpo_trainer.cli import main as grpo
-from grpo_trainer.validation import ManifestError, load_manifest, validate_manifest
+from grpo_trainer.validation import ManifestError, _expanded_size, load_manifest, validate_manifest
 
 REPO = Path(__file__).resolve().parent.parent
 CRD_PATH = REPO / "crds" / "grporun.yaml"
@@ -304,16 +305,49 @@ def test_cli_validate_names_file_and_field(tmp_path, capsys):
         ("spec: [unclosed", "not valid YAML"),
         ("a: 1\n---\nb: 2\n", "expected one YAML document"),
         ("- just\n- a list\n", "expected a mapping"),
+        ("metadata: {name: caf\xe9}\n".encode("latin-1"), "not UTF-8 text (byte 20 is 0xe9)"),
+        (b"spec: " + b"[" * 5000 + b"]" * 5000, "nested too deeply"),
+        (b"a: '" + b"x" * (1 << 20) + b"'\n", "larger than 1024 KiB"),
     ],
-    ids=["missing-file", "yaml-syntax", "two-documents", "not-a-mapping"],
+    ids=["missing-file", "yaml-syntax", "two-documents", "not-a-mapping", "latin-1", "deep", "huge"],
 )
 def test_cli_validate_unreadable_input(tmp_path, capsys, content, words):
     path = tmp_path / "run.yaml"
-    if content is not None:
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
         path.write_text(content)
     assert grpo(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert words in err and str(path) in err and "Traceback" not in err
+
+
+def alias_bomb(levels: int) -> str:
+    """Nested anchors: ``levels`` levels of nine aliases each stand for 9**levels strings."""
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"l{n}: &l{n} [{', '.join([f'*l{n - 1}'] * 9)}]" for n in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path, capsys):
+    """Kubernetes' CVE-2019-11253: a few hundred bytes that expand to 9**9 strings."""
+    path = tmp_path / "run.yaml"
+    text = (REPO / "examples" / "exp2-open-rs.yaml").read_text()
+    path.write_text(alias_bomb(9) + text.replace("spec:", "spec:\n  resources: {tolerations: *l8}", 1))
+    assert len(path.read_bytes()) < 2000
+    started = time.monotonic()
+    assert grpo(["validate", str(path)]) == 2
+    assert time.monotonic() - started < 5
+    assert "its aliases expand to more than 100,000 values" in capsys.readouterr().err
+
+
+def test_anchors_that_expand_modestly_are_read_as_kubectl_reads_them(tmp_path):
+    path = tmp_path / "run.yaml"
+    text = (REPO / "examples" / "exp2-open-rs.yaml").read_text()
+    path.write_text(text.replace("kind: GRPORun", "kind: &kind GRPORun\nx: *kind", 1).replace("\nx: *kind", "", 1))
+    assert load_manifest(path).kind == "GRPORun"
+    # The root, its 3 keys, and lists of 1 + 9, 1 + 9 × 10 and 1 + 9 × 91 values.
+    assert _expanded_size(yaml.compose(alias_bomb(3))) == 1 + 3 + 10 + 91 + 820
 
 
 def test_yaml_exponent_floats_are_numbers_as_kubectl_reads_them(tmp_path):

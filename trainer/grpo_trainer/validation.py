@@ -50,20 +50,84 @@ _Loader.add_implicit_resolver(
 )
 
 
+MAX_MANIFEST_BYTES = 1 << 20
+"""A manifest larger than this is refused unread: the API server takes objects of about 1.5 MB."""
+MAX_YAML_NODES = 100_000
+"""The most values a manifest may hold once its aliases are expanded (a GRPORun has a few hundred)."""
+
+
 def load_manifest(path: str | Path) -> GRPORun:
-    """Read a GRPORun from a YAML file, or raise ManifestError naming the file and each bad field."""
+    """Read a GRPORun from a YAML file, or raise ManifestError naming the file and each bad field.
+
+    The file is read within bounds, as a hostile one may be: at most MAX_MANIFEST_BYTES of UTF-8,
+    and at most MAX_YAML_NODES values with aliases expanded (a few hundred bytes of nested anchors,
+    the "billion laughs" of Kubernetes' CVE-2019-11253, would otherwise take minutes to validate).
+    """
     path = Path(path)
+
+    def refuse(message: str) -> ManifestError:
+        return ManifestError(str(path), [FieldError("", message)])
+
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as file:
+            data = file.read(MAX_MANIFEST_BYTES + 1)
     except OSError as exc:
-        raise ManifestError(str(path), [FieldError("", f"cannot read the file: {exc.strerror or exc}")]) from None
+        raise refuse(f"cannot read the file: {exc.strerror or exc}") from None
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise refuse(f"larger than {MAX_MANIFEST_BYTES // 1024} KiB; a GRPORun manifest is a few KiB")
     try:
-        documents = [doc for doc in yaml.load_all(text, Loader=_Loader) if doc is not None]
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise refuse(f"not UTF-8 text (byte {exc.start} is {data[exc.start]:#04x})") from None
+    try:
+        documents = [doc for doc in _bounded_documents(text) if doc is not None]
     except yaml.YAMLError as exc:
-        raise ManifestError(str(path), [FieldError("", f"not valid YAML: {exc}")]) from None
+        raise refuse(f"not valid YAML: {exc}") from None
+    except RecursionError:
+        raise refuse("YAML nested too deeply") from None
+    except _TooLarge as exc:
+        raise refuse(str(exc)) from None
     if len(documents) != 1:
         raise ManifestError(str(path), [FieldError("", f"expected one YAML document, found {len(documents)}")])
     return validate_manifest(documents[0], source=str(path))
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _bounded_documents(text: str):
+    """The YAML documents in ``text``, each checked to expand to at most MAX_YAML_NODES values
+    before it is built (PyYAML shares an aliased value, so the bomb costs later, in validation)."""
+    loader = _Loader(text)
+    try:
+        while loader.check_node():
+            node = loader.get_node()
+            if _expanded_size(node) > MAX_YAML_NODES:
+                raise _TooLarge(f"its aliases expand to more than {MAX_YAML_NODES:,} values; write the values out")
+            yield loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """How many nodes ``root`` stands for with every alias expanded, counted in linear time."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children = [child for pair in node.value for child in pair] if isinstance(node, yaml.MappingNode) else (
+            node.value if isinstance(node, yaml.SequenceNode) else []
+        )
+        if children_done or not children:
+            # A cycle (an alias inside its own anchor) counts each node once: the API server refuses it anyway.
+            sizes[id(node)] = min(1 + sum(sizes.get(id(child), 1) for child in children), MAX_YAML_NODES + 1)
+        else:
+            stack.append((node, True))
+            stack.extend((child, False) for child in children if id(child) not in sizes)
+    return sizes[id(root)]
 
 
 def validate_manifest(manifest: Any, source: str = "manifest") -> GRPORun:
