@@ -20,9 +20,12 @@ from packaging.version import Version
 from grpo_operator import manifests
 from grpo_operator.manifests import job_name, pod_name, resource_names
 from grpo_trainer.cli import parser as grpo_parser
+from grpo_trainer.model import ModelLocation
 from grpo_trainer.spec import DNS_LABEL_PATTERN, CheckpointRef, GRPORun
 from grpo_trainer.termination import EXIT_INVALID
 from grpo_trainer.validation import load_manifest, validate_manifest
+from grpo_trainer.vllm_server import NCCL_ENVIRONMENT, serve_command
+from grpo_trainer.vllm_server import parser as sidecar_parser
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "exp2-open-rs.yaml"
 UID = "0b9f6c2e-3d4a-4f1b-9c55-7e2a1d8f6a10"
@@ -99,6 +102,23 @@ def trainer_and_sidecar(pod: dict) -> tuple[dict, dict]:
     (trainer,) = pod["spec"]["containers"]
     (sidecar,) = pod["spec"]["initContainers"]
     return trainer, sidecar
+
+
+def served_command(run: GRPORun) -> tuple[list[str], dict[str, str]]:
+    """The ``vllm serve`` argv and added environment the rendered pod's sidecar execs: its command
+    parsed as grpo_trainer.vllm_server parses it, reading the manifest the ConfigMap mounts where
+    the command says (a hub-id model resolves to itself, as it does in the sidecar)."""
+    _, sidecar = trainer_and_sidecar(manifests.pod(run, attempt=0))
+    assert sidecar["command"][:3] == ["python", "-m", "grpo_trainer.vllm_server"]
+    args = sidecar_parser().parse_args(sidecar["command"][3:])
+    mount = next(m for m in sidecar["volumeMounts"] if args.manifest.startswith(m["mountPath"] + "/"))
+    assert mount["name"] == "config" and mount["readOnly"]
+    key = args.manifest.removeprefix(mount["mountPath"] + "/")
+    mounted = validate_manifest(yaml.safe_load(manifests.config_map(run)["data"][key]))
+    model = ModelLocation(source=mounted.spec.model.source, path=mounted.spec.model.source,
+                          revision=mounted.spec.model.revision)
+    command = serve_command(mounted, model, port=args.port)
+    return command.argv, command.env
 
 
 # ------------------------------------------------------------------------------ API validity
@@ -202,7 +222,10 @@ def test_config_map_holds_exactly_the_validated_run(run):
     manifest = yaml.safe_load(data["run.yaml"])
     assert manifest["metadata"] == {"name": run.metadata.name, "namespace": NAMESPACE}  # no uid, no server fields
     assert "status" not in manifest
-    assert validate_manifest(manifest).spec == run.spec
+    # ...except that the pod's trainer samples from the pod's sidecar.
+    assert manifest["spec"]["rollout"]["backend"] == "server"
+    server_rollout = run.spec.rollout.model_copy(update={"backend": "server"})
+    assert validate_manifest(manifest).spec == run.spec.model_copy(update={"rollout": server_rollout})
 
 
 def test_trainer_may_only_read_and_patch_its_own_status_and_record_events(run):
@@ -231,7 +254,7 @@ def test_gpus_are_split_between_trainer_and_sidecar(run):
         assert container["resources"]["requests"]["nvidia.com/gpu"] == str(gpus)
         assert "CUDA_VISIBLE_DEVICES" not in env_of(container)
     assert resources.trainer_gpus + resources.vllm_gpus == resources.gpus
-    assert f"--tensor-parallel-size={resources.vllm_gpus}" in sidecar["command"]
+    assert f"--tensor-parallel-size={resources.vllm_gpus}" in served_command(run)[0]
     assert trainer["resources"]["requests"]["cpu"] == resources.cpu
     assert trainer["resources"]["requests"]["memory"] == trainer["resources"]["limits"]["memory"] == resources.memory
 
@@ -261,8 +284,7 @@ def test_vllm_is_a_native_sidecar_on_loopback_that_the_trainer_reaches(run):
     assert sidecar["restartPolicy"] == "Always"
     assert sidecar["image"] == run.spec.resources.images.vllm and trainer["image"] == run.spec.resources.images.trainer
     assert sidecar["imagePullPolicy"] == trainer["imagePullPolicy"] == run.spec.resources.images.pull_policy
-    command = sidecar["command"]
-    assert f"--model={run.spec.model.source}" in command and f"--revision={run.spec.model.revision}" in command
+    command, _ = served_command(run)
     assert "--host=127.0.0.1" in command
     port = next(arg.split("=")[1] for arg in command if arg.startswith("--port="))
     assert env_of(trainer)["GRPO_VLLM_URL"]["value"] == f"http://127.0.0.1:{port}"
@@ -279,7 +301,7 @@ class _Health(BaseHTTPRequestHandler):
     status = 200
 
     def do_GET(self):  # noqa: N802 (the http.server API)
-        self.send_response(self.status if self.path == "/health/" else 404)
+        self.send_response(self.status if self.path == "/health" else 404)
         self.end_headers()
 
     def log_message(self, *args):
@@ -300,6 +322,31 @@ def test_the_exec_probe_passes_only_on_a_healthy_server(status, passes):
     assert (result.returncode == 0) is passes, result.stderr
 
 
+def test_the_sidecar_serves_the_run_with_exactly_this_vllm_configuration():
+    """The whole command line, flag by flag (docs/vllm-sidecar.md says why each is there)."""
+    run = make_run(rollout={"gpuMemoryUtilization": 0.6}, grpo={"seed": 7})
+    argv, env = served_command(run)
+    assert argv == [
+        "vllm", "serve", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "--revision=main",
+        "--host=127.0.0.1", "--port=8000", "--dtype=bfloat16", "--seed=7", "--tensor-parallel-size=1",
+        "--gpu-memory-utilization=0.6", "--max-model-len=4096", "--logprobs-mode=processed_logprobs",
+        "--generation-config=vllm", '--weight-transfer-config={"backend":"nccl"}', "--disable-uvicorn-access-log",
+    ]
+    assert env == {"VLLM_SERVER_DEV_MODE": "1"}  # the weight-transfer routes; safe only on loopback
+
+
+def test_both_containers_share_the_nccl_settings_weights_cross_over(run):
+    """Two containers of one pod: no CUDA P2P between them (NVIDIA/nccl#1647), the same cuMem
+    settings on both ends, and the one Memory-backed /dev/shm that NCCL's SHM transport uses."""
+    trainer, sidecar = trainer_and_sidecar(manifests.pod(run, attempt=0))
+    nccl = [{name: entry["value"] for name, entry in env_of(c).items() if name.startswith("NCCL_")}
+            for c in (trainer, sidecar)]
+    assert nccl[0] == nccl[1] == NCCL_ENVIRONMENT
+    assert NCCL_ENVIRONMENT["NCCL_P2P_DISABLE"] == "1"
+    assert {name for name in NCCL_ENVIRONMENT if name.startswith("NCCL_CUMEM")} == {"NCCL_CUMEM_ENABLE",
+                                                                                   "NCCL_CUMEM_HOST_ENABLE"}
+
+
 def test_shm_is_memory_backed_and_mounted_in_both_containers(run):
     pod = manifests.pod(run, attempt=0)
     volumes = {volume["name"]: volume for volume in pod["spec"]["volumes"]}
@@ -315,6 +362,10 @@ def test_s3_credentials_come_from_the_secret_only_when_one_is_named():
         reference = env[key]["valueFrom"]["secretKeyRef"]
         assert (reference["name"], reference["key"], reference.get("optional")) == ("s3-credentials", key, optional)
     assert env["GRPO_RUN_NAME"]["value"] == "open-rs-exp2"
+    _, sidecar = trainer_and_sidecar(manifests.pod(variant("exp2"), attempt=0))
+    # The sidecar downloads an s3:// model from the same store.
+    assert {key: env_of(sidecar)[key] for key in env if key.startswith("AWS_")} == {
+        key: value for key, value in env.items() if key.startswith("AWS_")}
     assert env["GRPO_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
 
     trainer, _ = trainer_and_sidecar(manifests.pod(variant("no-credentials"), attempt=0))

@@ -169,6 +169,7 @@ def test_defaults_are_the_open_rs_recipe():
     assert run.checkpoints.every_steps == 50
     evaluation = run.evaluation
     assert (evaluation.checkpoints, evaluation.select_by, evaluation.deadline_seconds, evaluation.enabled) == ("final", "mean", 21600, True)
+    assert (run.rollout.backend, run.rollout.gpu_memory_utilization, run.rollout.max_model_len) == ("in-process", 0.7, None)
     assert run.dataset.system_prompt == spec.OPEN_RS_SYSTEM_PROMPT
 
 
@@ -219,6 +220,11 @@ MALFORMED = [
     ("zero-stage-one", "spec.grpo.zeroStage", 1, "spec.grpo.zeroStage", "2 or 3", BOTH),
     ("unknown-scheduler", "spec.grpo.lrScheduler", "step", "spec.grpo.lrScheduler", "cosine_with_min_lr", BOTH),
     ("gpu-split-wrong", "spec.resources.trainerGpus", 2, "spec.resources.gpus", "trainerGpus + vllmGpus", BOTH),
+    ("unknown-rollout-backend", "spec.rollout.backend", "remote", "spec.rollout.backend", "in-process", BOTH),
+    ("all-gpu-memory-and-more", "spec.rollout.gpuMemoryUtilization", 1.2, "spec.rollout.gpuMemoryUtilization",
+     "less than or equal to 1", BOTH),
+    ("model-len-below-sequence", "spec.rollout.maxModelLen", 4000, "spec.rollout.maxModelLen",
+     "maxPromptLength + grpo.maxCompletionLength", BOTH),
     ("memory-not-quantity", "spec.resources.memory", "lots", "spec.resources.memory", "pattern", BOTH),
     ("exists-with-value", "spec.resources.tolerations", [{"key": "gpu", "operator": "Exists", "value": "x"}],
      "spec.resources.tolerations[0].value", "Exists", BOTH),

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import yaml
 
+from grpo_trainer import vllm_server
 from grpo_trainer.scores import evaluation_prefix
 from grpo_trainer.spec import API_GROUP, API_VERSION, KIND, PLURAL, CheckpointRef, GRPORun
 from grpo_trainer.termination import EXIT_INVALID
@@ -34,9 +35,9 @@ CONFIG_KEY = "run.yaml"
 HOME = "/home/grpo"  # HOME of both containers: an emptyDir, as their root filesystems are read-only
 USER_ID = 1000
 
-VLLM_PORT = 8000
-VLLM_URL = f"http://127.0.0.1:{VLLM_PORT}"
-VLLM_HEALTH_URL = f"{VLLM_URL}/health/"
+VLLM_PORT = vllm_server.DEFAULT_PORT
+VLLM_URL = f"http://{vllm_server.HOST}:{VLLM_PORT}"
+VLLM_HEALTH_URL = f"{VLLM_URL}/health"
 VLLM_STARTUP_SECONDS = 600  # downloading and loading a 1.5B model, compiling CUDA graphs
 
 EVALUATION_BACKOFF_LIMIT = 2
@@ -132,14 +133,17 @@ def _metadata(
 
 
 def config_map(run: GRPORun) -> dict[str, Any]:
-    """The run's manifest as the trainer reads it (``grpo train /etc/grpo/run.yaml``): the validated
-    spec with its defaults, and no server-side metadata or status."""
+    """The run's manifest as the trainer and the vLLM sidecar read it (``grpo train
+    /etc/grpo/run.yaml``): the validated spec with its defaults, and no server-side metadata or
+    status. The pod always has the sidecar, so its trainer samples from it (spec.rollout.backend
+    server) whatever the manifest says for runs outside a pod."""
     manifest = run.model_dump(
         mode="json",
         by_alias=True,
         exclude_none=True,
         include={"api_version": True, "kind": True, "metadata": {"name", "namespace"}, "spec": True},
     )
+    manifest["spec"]["rollout"]["backend"] = "server"
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -219,18 +223,10 @@ def trainer_command(run: GRPORun) -> list[str]:
     ]
 
 
-def vllm_command(run: GRPORun) -> list[str]:
-    """The generation server; it listens on the pod's loopback only, for the trainer beside it."""
-    return [
-        "python",
-        "-m",
-        "grpo_trainer.vllm_server",
-        f"--model={run.spec.model.source}",
-        f"--revision={run.spec.model.revision}",
-        "--host=127.0.0.1",
-        f"--port={VLLM_PORT}",
-        f"--tensor-parallel-size={run.spec.resources.vllm_gpus}",
-    ]
+def vllm_command() -> list[str]:
+    """The generation server: it reads the run's manifest, as the trainer does, and runs ``vllm
+    serve`` as vllm_server.serve_command builds it, on the pod's loopback only."""
+    return ["python", "-m", "grpo_trainer.vllm_server", f"{CONFIG_DIR}/{CONFIG_KEY}", f"--port={VLLM_PORT}"]
 
 
 def _vllm_health_probe(failure_threshold: int) -> dict[str, Any]:
@@ -266,14 +262,21 @@ def _gpus(count: int) -> dict[str, str]:
     return {"nvidia.com/gpu": str(count)}
 
 
+def _nccl_env() -> list[dict[str, Any]]:
+    """The NCCL settings of both containers, identical in each: the weights go from the trainer to
+    the sidecar over NCCL, whose two ends must agree (see vllm_server.NCCL_ENVIRONMENT)."""
+    return [{"name": name, "value": value} for name, value in vllm_server.NCCL_ENVIRONMENT.items()]
+
+
 def _trainer_env(run: GRPORun) -> list[dict[str, Any]]:
-    env: list[dict[str, Any]] = [
+    return [
         {"name": "GRPO_RUN_NAME", "value": run.metadata.name},
         {"name": "GRPO_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-        {"name": "GRPO_VLLM_URL", "value": VLLM_URL},
+        {"name": vllm_server.SERVER_URL_VARIABLE, "value": VLLM_URL},
         {"name": "HOME", "value": HOME},
+        *_nccl_env(),
+        *_s3_credentials(run),
     ]
-    return env + _s3_credentials(run)
 
 
 def _s3_credentials(run: GRPORun) -> list[dict[str, Any]]:
@@ -320,10 +323,10 @@ def _vllm_sidecar(run: GRPORun) -> dict[str, Any]:
         "image": resources.images.vllm,
         "imagePullPolicy": resources.images.pull_policy,
         "restartPolicy": "Always",
-        "command": vllm_command(run),
-        "env": [{"name": "HOME", "value": HOME}],
+        "command": vllm_command(),
+        "env": [{"name": "HOME", "value": HOME}, *_nccl_env(), *_s3_credentials(run)],
         "resources": {"requests": _gpus(resources.vllm_gpus), "limits": _gpus(resources.vllm_gpus)},
-        "volumeMounts": _scratch_mounts(),
+        "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}, *_scratch_mounts()],
         "startupProbe": _vllm_health_probe(failure_threshold=VLLM_STARTUP_SECONDS // 10),
         "readinessProbe": _vllm_health_probe(failure_threshold=3),
         # No liveness probe: a restarted server would come back with the base weights, not the

@@ -53,12 +53,13 @@ def train(args: argparse.Namespace) -> int:
     from grpo_trainer.storage import StorageError, UnreachableError, open_storage
     from grpo_trainer.train import TrainingError
     from grpo_trainer.train import train as train_run
+    from grpo_trainer.vllm_client import RolloutServerError
 
     run_dir, storage_uri = run_locations(run, args.run_dir)
     try:
         storage = open_storage(storage_uri, endpoint_url=run.spec.checkpoints.endpoint_url)
         outcome = train_run(run, run_dir, storage, tensorboard_dir=args.tensorboard and Path(args.tensorboard))
-    except (UnreachableError, CheckpointWriteError) as error:  # may pass: the operator retries
+    except (UnreachableError, CheckpointWriteError, RolloutServerError) as error:  # may pass: the operator retries
         console.print(f"[red]✗[/red] {args.manifest}: {error}")
         return EXIT_RETRYABLE
     except (DatasetError, ModelError, StorageError, TrainingError) as error:

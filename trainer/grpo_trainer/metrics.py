@@ -55,8 +55,12 @@ def step_record(
     loss_metrics: dict[str, float],
     learning_rate: float,
     timer: StepTimer,
+    weight_version: str | None = None,
+    stale_weights: bool = False,
 ) -> dict:
-    """The JSON record of one step, from the whole generation batch (every rank's completions)."""
+    """The JSON record of one step, from the whole generation batch (every rank's completions).
+    ``weight_version`` labels the weights that sampled it; ``stale_weights`` says they were not the
+    policy's."""
     groups = rewards.view(-1, num_generations)
     seconds = timer.total
     record = {
@@ -82,6 +86,9 @@ def step_record(
         record["accuracy"] = record["rewards/accuracy/mean"]
     if reward_failures:
         record["reward_failures"] = reward_failures
+    if weight_version is not None:
+        record["rollout/weight_version"] = weight_version
+        record["rollout/stale_weights"] = stale_weights
     return record
 
 

@@ -5,7 +5,8 @@ local runs), and the vLLM sidecar client (GPU runs). The trainer sees only :clas
 
 The sampler's log-prob of a token is log softmax(logits / temperature) at that position, the same
 quantity the trainer computes, so the importance-sampling correction compares like with like. top-p
-changes which tokens can be drawn, not the log-probs reported (vLLM's convention too).
+changes which tokens can be drawn, not the log-probs reported here. (vLLM's processed_logprobs, which
+the sidecar reports, do renormalise over the nucleus: see docs/vllm-sidecar.md.)
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ class Rollouts:
     completion_ids: list[list[int]]  # up to and including the first EOS; no padding
     sampler_logprobs: list[list[float]] | None  # per completion token; None if the sampler gives none
     truncated: list[bool]  # stopped by max_new_tokens before an EOS
+    # The labels of the server weights that sampled them (vLLM's weight versions), in first-seen
+    # order; None when the policy itself sampled them, which is current by construction.
+    weight_versions: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.completion_ids)

@@ -308,6 +308,42 @@ class GRPOSpec(APIModel):
     )
 
 
+# ------------------------------------------------------------------------------------ rollout
+
+
+class RolloutSpec(APIModel):
+    """Where completions are sampled: by the policy in the trainer's own process, or by the vLLM
+    server beside it (the operator's pod always runs the server)."""
+
+    backend: Literal["in-process", "server"] = Field(
+        default="in-process",
+        description=(
+            "in-process samples with the policy itself (CPU and local runs); server asks the vLLM "
+            "sidecar on the pod's loopback, which the operator's pod always does."
+        ),
+    )
+    gpu_memory_utilization: float = Field(
+        default=0.7,
+        gt=0,
+        le=1,
+        description="Share of its GPU's memory the vLLM server takes for weights and KV cache (Open-RS: 0.7).",
+    )
+    max_model_len: int | None = Field(
+        default=None,
+        ge=1,
+        description="Longest prompt + completion the server accepts; null: maxPromptLength + maxCompletionLength.",
+    )
+    max_concurrent_requests: int = Field(
+        default=64, ge=1, le=1024, description="Prompts in flight at once from one trainer rank (n completions each)."
+    )
+    request_timeout_seconds: int = Field(
+        default=900, ge=1, description="Longest wait for one prompt's completions before the step fails."
+    )
+    startup_timeout_seconds: int = Field(
+        default=900, ge=1, description="Longest wait for the server's /health at the start of training."
+    )
+
+
 # ----------------------------------------------------------------------------------- resources
 
 
@@ -453,6 +489,7 @@ class GRPORunSpec(APIModel):
     rewards: list[RewardSpec] = immutable(default_factory=_open_rs_rewards, min_length=1, max_length=16)
     grpo: GRPOSpec = immutable(default_factory=GRPOSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec)
     checkpoints: CheckpointSpec = immutable(default_factory=CheckpointSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     suspend: bool = Field(default=False, description="true stops the pod after a checkpoint; false resumes.")
@@ -465,6 +502,12 @@ class GRPORunSpec(APIModel):
             "self.rewards.all(r, self.rewards.exists_one(s, s.name == r.name))",
             "must not name a reward twice",
             field=".rewards",
+        ),
+        CelRule(
+            "!has(self.rollout.maxModelLen) || "
+            "self.rollout.maxModelLen >= self.grpo.maxPromptLength + self.grpo.maxCompletionLength",
+            "must hold a whole sequence: at least grpo.maxPromptLength + grpo.maxCompletionLength",
+            field=".rollout.maxModelLen",
         ),
     )
 

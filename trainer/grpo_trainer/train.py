@@ -35,10 +35,11 @@ from grpo_trainer.metrics import MetricsLog, StepTimer
 from grpo_trainer.model import eos_token_ids, load_model, load_tokenizer, resolve_model_source
 from grpo_trainer.rewards import RewardScorer
 from grpo_trainer.preemption import Preemption
-from grpo_trainer.rollout import Rollouts, TransformersSampler
-from grpo_trainer.spec import CheckpointSpec, GRPORun
+from grpo_trainer.rollout import Rollouts, Sampler, TransformersSampler
+from grpo_trainer.spec import CheckpointSpec, GRPORun, RolloutSpec
 from grpo_trainer.status_report import StatusReporter
 from grpo_trainer.storage import Storage, StorageError
+from grpo_trainer.vllm_client import ServerSampler, server_url
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def train(
         reference = load_model(location, tokenizer, dtype=spec.model.dtype, device=device).eval().requires_grad_(False)
     engine = build_engine(model, grpo)
     eos_ids = eos_token_ids(model, tokenizer)
-    sampler = TransformersSampler(engine.module, eos_token_ids=eos_ids, pad_token_id=tokenizer.pad_token_id)
+    sampler = _sampler(spec.rollout, engine.module, eos_ids, tokenizer.pad_token_id)
     scorer = RewardScorer(spec.rewards)
 
     first_step, history = 0, []
@@ -182,6 +183,7 @@ def train(
             )
         if preemption.requested():  # the rollouts are cheap to redo; the weights have not changed yet
             break
+        weight_version, stale = _weight_version(rollouts, step, resumed, device)
         with timer("score"):
             texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
             golds = [prompt.problem.answer for prompt in step_prompts for _ in range(grpo.num_generations)]
@@ -204,6 +206,8 @@ def train(
             loss_metrics=loss_metrics,
             learning_rate=engine.get_lr()[0],
             timer=timer,
+            weight_version=weight_version,
+            stale_weights=stale,
             sample=(texts[0], golds[0]),
         )
         if reporter is not None:
@@ -265,6 +269,32 @@ def _optimize(engine, reference, rollouts: Rollouts, advantages, grpo, pad_token
     # Each rank's mean over its micro-batches, then the mean over ranks (each holds as many rows).
     means = torch.tensor([sum(values) / len(values) for values in step_metrics.values()], device=device)
     return dict(zip(step_metrics, (_all_reduce_sum(means) / world_size).tolist()))
+
+
+def _sampler(rollout: RolloutSpec, policy, eos_ids: list[int], pad_token_id: int) -> Sampler:
+    """The policy itself in this process, or the vLLM server (once it answers /health)."""
+    if rollout.backend == "in-process":
+        return TransformersSampler(policy, eos_token_ids=eos_ids, pad_token_id=pad_token_id)
+    sampler = ServerSampler(server_url(), eos_token_ids=eos_ids, rollout=rollout)
+    sampler.wait_until_ready()
+    return sampler
+
+
+def _weight_version(rollouts: Rollouts, step: int, resumed: str | None, device) -> tuple[str, bool]:
+    """The label of the weights that sampled this step's rollouts, and whether they are stale on
+    any rank: not the policy's weights after ``step`` optimizer steps. The policy sampling itself is
+    never stale. A server labels the weights it loaded "default" (vLLM's own label), which are the
+    policy's only at step 0 of a run that did not resume."""
+    current = "default" if step == 0 and resumed is None else str(step)
+    if rollouts.weight_versions is None:
+        return current, False
+    stale = rollouts.weight_versions != [current]
+    stale = bool(_all_reduce_sum(torch.tensor(float(stale), device=device)) > 0)
+    label = ",".join(rollouts.weight_versions)
+    if stale and dist.get_rank() == 0:
+        logger.warning("step %d: rollouts sampled by server weights %r, not the policy's (%r): off-policy", step + 1,
+                       label, current)
+    return label, stale
 
 
 def _fetch_checkpoint(store: CheckpointStore, checkpoints: CheckpointSpec, endpoint_url, local_dir: Path) -> str | None:
