@@ -204,6 +204,7 @@ MALFORMED = [
     ("duplicate-reward", "spec.rewards.0.name", "cosine", "spec.rewards", "twice", BOTH),
     ("one-generation", "spec.grpo.numGenerations", 1, "spec.grpo.numGenerations", "greater than or equal to 2", BOTH),
     ("generations-as-string", "spec.grpo.numGenerations", "6", "spec.grpo.numGenerations", "integer", BOTH),
+    ("groups-split-across-steps", "spec.grpo.numGenerations", 7, "spec.grpo.numGenerations", "whole groups", BOTH),
     ("zero-temperature", "spec.grpo.temperature", 0, "spec.grpo.temperature", "greater than 0", BOTH),
     ("top-p-above-one", "spec.grpo.topP", 1.5, "spec.grpo.topP", "less than or equal to 1", BOTH),
     ("negative-beta", "spec.grpo.beta", -0.1, "spec.grpo.beta", "greater than or equal to 0", BOTH),

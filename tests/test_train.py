@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,8 +15,8 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from grpo_trainer.storage import LocalStorage
-from grpo_trainer.train import TrainingError, prompts_per_step, train
-from grpo_trainer.validation import validate_manifest
+from grpo_trainer.train import prompts_per_step, train
+from grpo_trainer.validation import ManifestError, validate_manifest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,9 +41,9 @@ def manifest(model_dir: Path, **grpo) -> dict:
 
 
 def test_a_step_must_hold_whole_groups(tiny_model_dir):
-    run = validate_manifest(manifest(tiny_model_dir, perDeviceBatchSize=3, gradientAccumulationSteps=1))
-    with pytest.raises(TrainingError, match="numGenerations"):
-        prompts_per_step(run, world_size=1)
+    """Refused by the spec's CEL rule, so by `grpo validate` and the API server alike, not in the pod."""
+    with pytest.raises(ManifestError, match=r"spec.grpo.numGenerations: .*perDeviceBatchSize × gradientAccumulationSteps"):
+        validate_manifest(manifest(tiny_model_dir, perDeviceBatchSize=3, gradientAccumulationSteps=1))
     assert prompts_per_step(validate_manifest(manifest(tiny_model_dir)), world_size=1) == 2
 
 
@@ -62,13 +63,14 @@ def test_train_writes_a_metrics_line_per_step_and_a_loadable_model_that_changed(
     assert [record["step"] for record in records] == [1, 2]
     for record in records:
         for key in ("reward", "reward_std", "rewards/accuracy/mean", "rewards/cosine/mean", "rewards/cosine/std",
-                    "accuracy", "kl",
+                    "accuracy", "kl", "loss",
                     "entropy", "completions/mean_length", "completions/max_length", "completions/clipped_ratio",
                     "clip_ratio/region_mean", "frac_reward_zero_std", "learning_rate", "tokens_per_second",
                     "time/generate", "time/score", "time/train"):
             assert key in record, key
         assert 1 <= record["completions/max_length"] <= 12
         assert record["entropy"] > 0 and record["reward_std"] > 0 and record["rewards/cosine/std"] > 0
+        assert math.isfinite(record["loss"]) and record["loss"] != 0
     initial, trained = _weights(tiny_model_dir), _weights(final)
     assert initial.keys() == trained.keys()
     assert any(not torch.equal(initial[name], trained[name]) for name in initial)
@@ -76,7 +78,7 @@ def test_train_writes_a_metrics_line_per_step_and_a_loadable_model_that_changed(
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path / "tb")).Reload()
-    for name in ("reward", "kl", "accuracy", "time/train"):
+    for name in ("reward", "loss", "kl", "accuracy", "time/train"):
         logged = [(event.step, event.value) for event in events.Scalars(name)]
         assert logged == [(r["step"], pytest.approx(r[name], rel=1e-6)) for r in records], name
 
@@ -204,3 +206,21 @@ def test_a_tensorboard_path_that_is_a_file_is_refused_naming_it(tmp_path, capsys
     assert cli.main(["train", str(tmp_path / "never-read.yaml"), "--tensorboard", str(taken)]) == cli.EXIT_INVALID
     assert f"--tensorboard {taken}: cannot be a folder of event files" in capsys.readouterr().err
     assert taken.read_text() == "not a folder"
+
+
+def test_a_model_that_does_not_exist_is_named_by_its_field_and_leaves_no_folder(tiny_model_dir, tmp_path, capsys):
+    from grpo_trainer.cli import main
+
+    path = tmp_path / "run.yaml"
+    broken = manifest(tiny_model_dir)
+    broken["spec"]["model"]["source"] = str(tmp_path / "no-such-model")
+    path.write_text(yaml.safe_dump(broken))
+    assert main(["train", str(path), "--run-dir", str(tmp_path / "runs" / "new")]) == 2
+    assert f"spec.model.source: {tmp_path / 'no-such-model'}" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+    kept = tmp_path / "mine"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("a user's file")
+    assert main(["train", str(path), "--run-dir", str(kept)]) == 2
+    assert [p.name for p in kept.iterdir()] == ["notes.txt"]

@@ -51,18 +51,20 @@ def train(args: argparse.Namespace) -> int:
     from grpo_trainer.data import DatasetError
     from grpo_trainer.model import ModelError
     from grpo_trainer.storage import StorageError, UnreachableError, open_storage
-    from grpo_trainer.train import TrainingError
     from grpo_trainer.train import train as train_run
     from grpo_trainer.vllm_client import RolloutServerError
 
     run_dir, storage_uri = run_locations(run, args.run_dir)
+    created = _first_missing(run_dir.absolute())  # what this run will create, if anything
     try:
         storage = open_storage(storage_uri, endpoint_url=run.spec.checkpoints.endpoint_url)
         outcome = train_run(run, run_dir, storage, tensorboard_dir=args.tensorboard and Path(args.tensorboard))
     except (UnreachableError, CheckpointWriteError, RolloutServerError) as error:  # may pass: the operator retries
         console.print(f"[red]✗[/red] {args.manifest}: {error}")
         return EXIT_RETRYABLE
-    except (DatasetError, ModelError, StorageError, TrainingError) as error:
+    except (DatasetError, ModelError, StorageError) as error:
+        if created is not None:  # a run refused before its first step leaves no empty folders behind
+            _remove_empty_folders(created)
         message = f"{args.manifest}: {error}"
         return _ended(TerminationMessage(Outcome.INVALID, reason=type(error).__name__, message=message), EXIT_INVALID)
     if outcome.completed:
@@ -72,6 +74,23 @@ def train(args: argparse.Namespace) -> int:
         console.print(f"stopped by SIGTERM after step {outcome.step}; checkpoint: {outcome.checkpoint_uri}")
         ended = TerminationMessage(Outcome.PREEMPTED, step=outcome.step, checkpoint_uri=outcome.checkpoint_uri)
     return _ended(ended, 0, quiet=True)
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (None if it all does)."""
+    missing = None
+    while not path.exists():
+        missing, path = path, path.parent
+    return missing
+
+
+def _remove_empty_folders(root: Path) -> None:
+    """Remove ``root`` and the folders below it that hold no file; anything with a file stays."""
+    for folder in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True) + [root]:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or already gone
+            pass
 
 
 def _tensorboard_problem(folder: Path) -> str | None:

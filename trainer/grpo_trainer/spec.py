@@ -276,6 +276,11 @@ class GRPOSpec(APIModel):
     cel_rules: ClassVar[tuple[CelRule, ...]] = (
         CelRule("self.epsilonHigh >= self.epsilon", "must be at least epsilon", field=".epsilonHigh"),
         CelRule(
+            "(self.perDeviceBatchSize * self.gradientAccumulationSteps) % self.numGenerations == 0",
+            "must divide perDeviceBatchSize × gradientAccumulationSteps (the completions of a rank's step hold whole groups)",
+            field=".numGenerations",
+        ),
+        CelRule(
             "self.preset != 'open-rs' || self.lossType == 'bnpo'",
             "preset open-rs runs the bnpo loss (TRL 0.16); set preset: custom to choose another",
             field=".lossType",

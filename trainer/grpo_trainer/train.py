@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -28,11 +30,11 @@ from grpo_trainer.checkpoint import (
     restore,
     stage,
 )
-from grpo_trainer.data import build_prompts, load_problems
+from grpo_trainer.data import DatasetError, build_prompts, load_problems
 from grpo_trainer.engine import build_engine, init_distributed
 from grpo_trainer.loss import group_advantages, grpo_loss, mask_truncated_completions
 from grpo_trainer.metrics import MetricsLog, StepTimer
-from grpo_trainer.model import eos_token_ids, load_model, load_tokenizer, resolve_model_source
+from grpo_trainer.model import ModelError, eos_token_ids, load_model, load_tokenizer, resolve_model_source
 from grpo_trainer.rewards import RewardScorer
 from grpo_trainer.preemption import Preemption
 from grpo_trainer.rollout import Rollouts, Sampler, TransformersSampler
@@ -42,10 +44,6 @@ from grpo_trainer.storage import Storage, StorageError
 from grpo_trainer.vllm_client import ServerSampler, server_url
 
 logger = logging.getLogger(__name__)
-
-
-class TrainingError(ValueError):
-    """A run that cannot start; the message names the field or file at fault."""
 
 
 @dataclass
@@ -64,15 +62,10 @@ class Batch:
 
 
 def prompts_per_step(run: GRPORun, world_size: int) -> int:
-    """How many prompts one rank samples per optimizer step, or a TrainingError naming the fields."""
+    """How many prompts one rank samples per optimizer step: whole groups, as a CEL rule on
+    spec.grpo guarantees (so ``kubectl apply`` refuses a spec where they are not)."""
     grpo = run.spec.grpo
-    completions = grpo.per_device_batch_size * grpo.gradient_accumulation_steps
-    if completions % grpo.num_generations:
-        raise TrainingError(
-            f"spec.grpo: perDeviceBatchSize × gradientAccumulationSteps = {completions} completions per rank "
-            f"per step is not a multiple of numGenerations = {grpo.num_generations}"
-        )
-    return completions // grpo.num_generations
+    return grpo.per_device_batch_size * grpo.gradient_accumulation_steps // grpo.num_generations
 
 
 @dataclass(frozen=True)
@@ -113,15 +106,16 @@ def train(
     fetch_seconds = time.perf_counter() - fetch_began
 
     # ---- data and model
-    location = resolve_model_source(spec.model.source, revision=spec.model.revision, endpoint_url=endpoint_url)
-    tokenizer = load_tokenizer(location)
+    with _naming("spec.model.source"):
+        location = resolve_model_source(spec.model.source, revision=spec.model.revision, endpoint_url=endpoint_url)
+        tokenizer = load_tokenizer(location)
+    with _naming("spec.dataset.source"):
+        problems = load_problems(spec.dataset, endpoint_url=endpoint_url)
     prompts = build_prompts(
-        load_problems(spec.dataset, endpoint_url=endpoint_url),
-        tokenizer,
-        system_prompt=spec.dataset.system_prompt,
-        max_prompt_length=grpo.max_prompt_length,
+        problems, tokenizer, system_prompt=spec.dataset.system_prompt, max_prompt_length=grpo.max_prompt_length
     )
-    model = load_model(location, tokenizer, dtype=spec.model.dtype, device=device)
+    with _naming("spec.model.source"):
+        model = load_model(location, tokenizer, dtype=spec.model.dtype, device=device)
     reference = None
     if grpo.beta > 0:
         reference = load_model(location, tokenizer, dtype=spec.model.dtype, device=device).eval().requires_grad_(False)
@@ -263,12 +257,24 @@ def _optimize(engine, reference, rollouts: Rollouts, advantages, grpo, pad_token
             )
             engine.backward(loss)
             engine.step()
+            # The loss itself, as TRL logs it: the mean over micro-batches (and ranks) of each one's loss.
+            metrics["loss"] = loss.detach()
             metrics["entropy"] = _masked_mean(entropy, completion_mask[rows])
             for name, value in metrics.items():
                 step_metrics.setdefault(name, []).append(float(value))
     # Each rank's mean over its micro-batches, then the mean over ranks (each holds as many rows).
     means = torch.tensor([sum(values) / len(values) for values in step_metrics.values()], device=device)
     return dict(zip(step_metrics, (_all_reduce_sum(means) / world_size).tolist()))
+
+
+@contextmanager
+def _naming(field: str) -> Iterator[None]:
+    """A model or dataset that cannot be used is reported under the spec field that names it, as
+    ``grpo validate`` reports a bad field."""
+    try:
+        yield
+    except (ModelError, DatasetError) as error:
+        raise type(error)(f"{field}: {error}") from error
 
 
 def _sampler(rollout: RolloutSpec, policy, eos_ids: list[int], pad_token_id: int) -> Sampler:
