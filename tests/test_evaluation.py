@@ -213,8 +213,11 @@ def test_vllm_backend_sends_every_sampling_field_and_keeps_prompt_order(tmp_path
 # ------------------------------------------------------------------------------------- end to end
 
 
-def test_a_run_writes_rows_summaries_and_scores_last(tmp_path, storage, tiny_tokenizer):
-    """On a folder and on S3 alike."""
+def test_a_run_writes_rows_summaries_and_scores_last(tmp_path, storage, tiny_tokenizer, caplog, monkeypatch):
+    """On a folder and on S3 alike; without a terminal, progress goes to the log."""
+    from grpo_trainer import evaluation
+
+    monkeypatch.setattr(evaluation._Advance, "LOG_EVERY_S", 0.0)
     data = write_set(tmp_path / "data", "amc23", [{"problem": f"What is {n}+{n}?", "answer": str(2 * n)} for n in range(3)])
     loaded = {"amc23": load_benchmark("amc23", data)}
     settings = EvalSettings(samples_per_problem=2, max_new_tokens=6)
@@ -232,7 +235,9 @@ def test_a_run_writes_rows_summaries_and_scores_last(tmp_path, storage, tiny_tok
 
     from rich.console import Console
 
-    [result] = run_evaluation("m", loaded, settings, storage, Scripted(), tiny_tokenizer, step=50, console=Console(quiet=True))
+    with caplog.at_level("INFO", logger="grpo_trainer.evaluation"):
+        [result] = run_evaluation("m", loaded, settings, storage, Scripted(), tiny_tokenizer, step=50, console=Console(quiet=True))
+    assert "amc23: 6 of 6 samples" in caplog.text
     assert [o.key for o in storage.list_objects()] == ["amc23.json", "amc23.jsonl", "scores.json"]
     rows = [json.loads(line) for line in storage.get_bytes("amc23.jsonl").decode().splitlines()]
     assert [(r["id"], r["sample"], r["correct"]) for r in rows] == [

@@ -296,13 +296,30 @@ def run_evaluation(
     with Progress(*columns, console=console, transient=False) as bar:
         tasks = {name: bar.add_task(name, total=len(problems) * settings.samples_per_problem) for name, problems in loaded.items()}
         for name, problems in loaded.items():
-            result = evaluate_benchmark(
-                name, problems, tokenizer, backend, settings, lambda n, task=tasks[name]: bar.advance(task, n)
-            )
+            advance = _Advance(bar, tasks[name], logged=not console.is_terminal)
+            result = evaluate_benchmark(name, problems, tokenizer, backend, settings, advance)
             write_result(storage, result, model)
             results.append(result)
     storage.put_bytes(SCORES_FILE, scores_json(result.score(step) for result in results))
     return results
+
+
+class _Advance:
+    """Moves a benchmark's progress bar; where no terminal shows it (a Job's log), it also logs the
+    count every LOG_EVERY_S seconds, so ``kubectl logs`` says where an evaluation stands."""
+
+    LOG_EVERY_S = 60.0
+
+    def __init__(self, bar, task, *, logged: bool) -> None:
+        self.bar, self.task, self.logged = bar, task, logged
+        self.last = time.monotonic()
+
+    def __call__(self, n: int) -> None:
+        self.bar.advance(self.task, n)
+        if self.logged and time.monotonic() - self.last >= self.LOG_EVERY_S:
+            self.last = time.monotonic()
+            task = self.bar.tasks[self.task]
+            logger.info("%s: %d of %d samples, %.0f s", task.description, task.completed, task.total, task.elapsed or 0)
 
 
 def print_table(results: Sequence[BenchmarkResult], console: Console, where: str) -> None:
