@@ -20,7 +20,7 @@ from packaging.version import Version
 from grpo_operator import manifests
 from grpo_operator.manifests import job_name, pod_name, resource_names
 from grpo_trainer.cli import parser as grpo_parser
-from grpo_trainer.spec import DNS_LABEL_PATTERN, CheckpointRef, GRPORun
+from grpo_trainer.spec import DEFAULT_IMAGES, DNS_LABEL_PATTERN, CheckpointRef, GRPORun
 from grpo_trainer.termination import EXIT_INVALID
 from grpo_trainer.validation import load_manifest, validate_manifest
 
@@ -58,6 +58,7 @@ VARIANTS = {
     "8-gpus-slow-checkpoint": {"resources": {"gpus": 8, "trainerGpus": 7, "vllmGpus": 1},
                                "checkpoints": {"preemptionGraceSeconds": 300}},
     "long-name": {"name": LONG_NAME},
+    "own-images": {"resources": {"images": {"trainer": "registry.local/trainer:fix", "vllm": "registry.local/vllm:fix"}}},
     "evaluation": {"evaluation": {"gpus": 2, "deadlineSeconds": 3600, "benchmarks": ["aime24", "math500"],
                                   "samplesPerProblem": 8, "selectBy": "aime24"},
                    "checkpoints": {"endpointUrl": "http://minio.storage:9000"}},
@@ -259,7 +260,8 @@ def test_trainer_command_is_what_torchrun_and_the_cli_accept():
 def test_vllm_is_a_native_sidecar_on_loopback_that_the_trainer_reaches(run):
     trainer, sidecar = trainer_and_sidecar(manifests.pod(run, attempt=0))
     assert sidecar["restartPolicy"] == "Always"
-    assert sidecar["image"] == run.spec.resources.images.vllm and trainer["image"] == run.spec.resources.images.trainer
+    images = run.spec.resources.images
+    assert (sidecar["image"], trainer["image"]) == (images.vllm or DEFAULT_IMAGES["vllm"], images.trainer or DEFAULT_IMAGES["trainer"])
     assert sidecar["imagePullPolicy"] == trainer["imagePullPolicy"] == run.spec.resources.images.pull_policy
     command = sidecar["command"]
     assert f"--model={run.spec.model.source}" in command and f"--revision={run.spec.model.revision}" in command
@@ -298,6 +300,16 @@ def test_the_exec_probe_passes_only_on_a_healthy_server(status, passes):
         result = subprocess.run([sys.executable, *command[1:]], capture_output=True, timeout=30)
         server.shutdown()
     assert (result.returncode == 0) is passes, result.stderr
+
+
+def test_a_run_naming_no_images_gets_the_operators_and_one_naming_them_its_own():
+    configured = manifests.default_images({"GRPO_TRAINER_IMAGE": "mirror.local/trainer:1", "GRPO_VLLM_IMAGE": "mirror.local/vllm:1"})
+    assert manifests.default_images({}) == DEFAULT_IMAGES
+    for name, expected in (("exp2", configured), ("own-images", {"trainer": "registry.local/trainer:fix", "vllm": "registry.local/vllm:fix"})):
+        run = variant(name)
+        trainer, sidecar = trainer_and_sidecar(manifests.pod(run, attempt=1, default_images=configured))
+        (evaluation,) = manifests.evaluation_job(run, checkpoint_of(run, 50), default_images=configured)["spec"]["template"]["spec"]["containers"]
+        assert (trainer["image"], sidecar["image"], evaluation["image"]) == (expected["trainer"], expected["vllm"], expected["vllm"]), name
 
 
 def test_shm_is_memory_backed_and_mounted_in_both_containers(run):
@@ -436,7 +448,7 @@ def test_evaluation_job_runs_on_the_runs_nodes_with_its_credentials_and_retries_
     trainer, _ = trainer_and_sidecar(manifests.pod(run, attempt=0))
     for key in ("nodeSelector", "tolerations", "priorityClassName", "securityContext"):
         assert spec[key] == trainer_pod[key], key
-    assert container["image"] == run.spec.resources.images.vllm
+    assert container["image"] == DEFAULT_IMAGES["vllm"]
     assert container["resources"] == {"requests": {"nvidia.com/gpu": "1"}, "limits": {"nvidia.com/gpu": "1"}}
     aws = {name: entry for name, entry in env_of(container).items() if name.startswith("AWS_")}
     assert aws == {name: entry for name, entry in env_of(trainer).items() if name.startswith("AWS_")} and aws

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import yaml
 
 from grpo_trainer.scores import evaluation_prefix
-from grpo_trainer.spec import API_GROUP, API_VERSION, KIND, PLURAL, CheckpointRef, GRPORun
+from grpo_trainer.spec import API_GROUP, API_VERSION, DEFAULT_IMAGES, KIND, PLURAL, CheckpointRef, GRPORun
 from grpo_trainer.termination import EXIT_INVALID
 
 APP_LABEL = {"app.kubernetes.io/name": "grpo-operator"}
@@ -48,6 +49,19 @@ EVALUATION_BACKOFF_LIMIT = 2
 # one that acts and torchrun has time to exit after its workers.
 LAUNCHER_MARGIN_SECONDS = 5
 POD_MARGIN_SECONDS = 15
+
+
+IMAGE_VARIABLES = {"trainer": "GRPO_TRAINER_IMAGE", "vllm": "GRPO_VLLM_IMAGE"}
+"""The operator's environment variables (the Helm chart sets them) naming the images of runs that name none."""
+
+
+def default_images(environment: Mapping[str, str]) -> dict[str, str]:
+    """The images of runs that name none: those the environment names, else DEFAULT_IMAGES."""
+    return {image: environment.get(variable) or DEFAULT_IMAGES[image] for image, variable in IMAGE_VARIABLES.items()}
+
+
+def _image(run: GRPORun, image: str, default_images: Mapping[str, str]) -> str:
+    return getattr(run.spec.resources.images, image) or default_images[image]
 
 
 class RunResources(NamedTuple):
@@ -288,11 +302,11 @@ def _s3_credentials(run: GRPORun) -> list[dict[str, Any]]:
     ]
 
 
-def _trainer_container(run: GRPORun) -> dict[str, Any]:
+def _trainer_container(run: GRPORun, default_images: Mapping[str, str]) -> dict[str, Any]:
     resources = run.spec.resources
     return {
         "name": "trainer",
-        "image": resources.images.trainer,
+        "image": _image(run, "trainer", default_images),
         "imagePullPolicy": resources.images.pull_policy,
         "command": trainer_command(run),
         "env": _trainer_env(run),
@@ -311,13 +325,13 @@ def _trainer_container(run: GRPORun) -> dict[str, Any]:
     }
 
 
-def _vllm_sidecar(run: GRPORun) -> dict[str, Any]:
+def _vllm_sidecar(run: GRPORun, default_images: Mapping[str, str]) -> dict[str, Any]:
     """A native sidecar (an init container that keeps running): the kubelet starts the trainer only
     once its startup probe passes, and stops it after the trainer exits."""
     resources = run.spec.resources
     return {
         "name": "vllm",
-        "image": resources.images.vllm,
+        "image": _image(run, "vllm", default_images),
         "imagePullPolicy": resources.images.pull_policy,
         "restartPolicy": "Always",
         "command": vllm_command(run),
@@ -336,10 +350,11 @@ def termination_grace_seconds(run: GRPORun) -> int:
     return run.spec.checkpoints.preemption_grace_seconds + POD_MARGIN_SECONDS
 
 
-def pod(run: GRPORun, *, attempt: int) -> dict[str, Any]:
+def pod(run: GRPORun, *, attempt: int, default_images: Mapping[str, str] = DEFAULT_IMAGES) -> dict[str, Any]:
     """The pod of one attempt at the run. The operator, not the kubelet, restarts a failed attempt
     (restartPolicy Never) so it can count restarts and back off, and it enforces the run's deadline
-    across attempts, so the pod has no activeDeadlineSeconds."""
+    across attempts, so the pod has no activeDeadlineSeconds. Images the run leaves out are
+    ``default_images``."""
     names = resource_names(run.metadata.name)
     labels = {**run_labels(run.metadata.name), ATTEMPT_LABEL: str(attempt)}
     spec: dict[str, Any] = {
@@ -348,8 +363,8 @@ def pod(run: GRPORun, *, attempt: int) -> dict[str, Any]:
         "automountServiceAccountToken": True,  # the trainer patches the run's status
         "terminationGracePeriodSeconds": termination_grace_seconds(run),
         "securityContext": _pod_security(),
-        "initContainers": [_vllm_sidecar(run)],
-        "containers": [_trainer_container(run)],
+        "initContainers": [_vllm_sidecar(run, default_images)],
+        "containers": [_trainer_container(run, default_images)],
         "volumes": [{"name": "config", "configMap": {"name": names.config_map}}, *_scratch_volumes(run)],
         **_placement(run),
     }
@@ -439,11 +454,11 @@ def evaluation_args(run: GRPORun, checkpoint: CheckpointRef) -> list[str]:
     return args
 
 
-def _evaluation_container(run: GRPORun, checkpoint: CheckpointRef) -> dict[str, Any]:
+def _evaluation_container(run: GRPORun, checkpoint: CheckpointRef, default_images: Mapping[str, str]) -> dict[str, Any]:
     resources, gpus = run.spec.resources, run.spec.evaluation.gpus
     return {
         "name": "eval",
-        "image": resources.images.vllm,  # vLLM, and this package beside it
+        "image": _image(run, "vllm", default_images),  # vLLM, and this package beside it
         "imagePullPolicy": resources.images.pull_policy,
         "command": ["python", "-m", "grpo_trainer.cli", *evaluation_args(run, checkpoint)],
         "env": [{"name": "HOME", "value": HOME}, *_s3_credentials(run)],
@@ -455,18 +470,21 @@ def _evaluation_container(run: GRPORun, checkpoint: CheckpointRef) -> dict[str, 
     }
 
 
-def evaluation_job(run: GRPORun, checkpoint: CheckpointRef) -> dict[str, Any]:
+def evaluation_job(
+    run: GRPORun, checkpoint: CheckpointRef, *, default_images: Mapping[str, str] = DEFAULT_IMAGES
+) -> dict[str, Any]:
     """The Job that evaluates one checkpoint. A failed pod is retried EVALUATION_BACKOFF_LIMIT
     times, except for bad input (exit 2: a missing checkpoint, say), which fails the Job at once; a
     pod disrupted by preemption or a drain is retried without counting. The Job fails for good
-    after spec.evaluation.deadlineSeconds, retries included."""
+    after spec.evaluation.deadlineSeconds, retries included. Its image, if the run names none, is
+    ``default_images``' vllm."""
     labels = {**run_labels(run.metadata.name), EVALUATION_LABEL: str(checkpoint.step)}
     template_spec = {
         "restartPolicy": "Never",  # the Job retries a failed pod; podFailurePolicy requires Never
         "serviceAccountName": evaluation_service_account_name(run.metadata.name),
         "automountServiceAccountToken": False,
         "securityContext": _pod_security(),
-        "containers": [_evaluation_container(run, checkpoint)],
+        "containers": [_evaluation_container(run, checkpoint, default_images)],
         "volumes": _scratch_volumes(run),
         **_placement(run),
     }

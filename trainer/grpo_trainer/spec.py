@@ -325,9 +325,29 @@ class Toleration(APIModel):
     )
 
 
+IMAGES_VERSION = "0.1.0"
+"""The tag of the images built from this version of the package (scripts/build-images.sh)."""
+DEFAULT_IMAGES = {
+    "trainer": f"ghcr.io/grpo-operator/trainer:{IMAGES_VERSION}",
+    "vllm": f"ghcr.io/grpo-operator/vllm:{IMAGES_VERSION}",
+}
+"""The images a run that names none gets from an operator configured with no others (the Helm
+chart's defaults are these)."""
+
+
 class Images(APIModel):
-    trainer: str = Field(default="ghcr.io/grpo-operator/trainer:0.1.0", min_length=1)
-    vllm: str = Field(default="ghcr.io/grpo-operator/vllm:0.1.0", min_length=1)
+    # No default in the CRD: an operator installed with other images (a mirror, a newer tag) gives
+    # them to every run that leaves these out.
+    trainer: str | None = Field(
+        default=None,
+        min_length=1,
+        description=f"The trainer's image; unset: the operator's (the Helm chart's images values, by default {DEFAULT_IMAGES['trainer']}).",
+    )
+    vllm: str | None = Field(
+        default=None,
+        min_length=1,
+        description=f"The vLLM sidecar's and evaluation Jobs' image; unset: the operator's (by default {DEFAULT_IMAGES['vllm']}).",
+    )
     pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
 
 
