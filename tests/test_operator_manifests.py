@@ -105,15 +105,6 @@ def trainer_and_sidecar(pod: dict) -> tuple[dict, dict]:
 # ------------------------------------------------------------------------------ API validity
 
 
-@pytest.fixture(scope="module")
-def cached_schemas():
-    """kubernetes-validate reads a 2 MB schema file again on every call; read each one once."""
-    with pytest.MonkeyPatch.context() as patch:
-        utils = kubernetes_validate.utils
-        patch.setattr(utils, "schema_contents", functools.cache(utils.schema_contents))
-        yield
-
-
 @pytest.mark.usefixtures("cached_schemas")
 @pytest.mark.parametrize("version", VERSIONS)
 def test_every_object_is_valid_for_the_kubernetes_version(version):
