@@ -65,6 +65,10 @@ VARIANTS = {
 }
 
 
+CPU_RUN = make_run(resources={"gpus": 0, "trainerGpus": 0, "vllmGpus": 0, "cpu": "2", "memory": "6Gi", "shmSize": "1Gi"})
+"""A run on CPU (kind, minikube): not among VARIANTS, whose pods all have the vLLM sidecar."""
+
+
 @functools.cache
 def variant(name: str) -> GRPORun:
     return make_run(**VARIANTS[name])
@@ -108,8 +112,8 @@ def trainer_and_sidecar(pod: dict) -> tuple[dict, dict]:
 @pytest.mark.usefixtures("cached_schemas")
 @pytest.mark.parametrize("version", VERSIONS)
 def test_every_object_is_valid_for_the_kubernetes_version(version):
-    for name in VARIANTS:
-        for obj in all_objects(variant(name), attempt=12):
+    for run in [*map(variant, VARIANTS), CPU_RUN]:
+        for obj in all_objects(run, attempt=12):
             kubernetes_validate.validate(obj, version, strict=True)
 
 
@@ -226,6 +230,16 @@ def test_gpus_are_split_between_trainer_and_sidecar(run):
     assert f"--tensor-parallel-size={resources.vllm_gpus}" in sidecar["command"]
     assert trainer["resources"]["requests"]["cpu"] == resources.cpu
     assert trainer["resources"]["requests"]["memory"] == trainer["resources"]["limits"]["memory"] == resources.memory
+
+
+def test_a_cpu_run_is_one_trainer_process_that_samples_in_process_on_any_node():
+    pod = manifests.pod(CPU_RUN, attempt=1)["spec"]
+    (trainer,) = pod["containers"]
+    assert "initContainers" not in pod and "nodeSelector" not in pod, "no sidecar, no GPU node"
+    assert trainer["resources"] == {"requests": {"cpu": "2", "memory": "6Gi"}, "limits": {"memory": "6Gi"}}
+    assert "GRPO_VLLM_URL" not in env_of(trainer), "nothing to reach: the trainer samples in-process"
+    assert trainer["command"] == ["python", "-m", "grpo_trainer.cli", "train", f"{manifests.CONFIG_DIR}/{manifests.CONFIG_KEY}"]
+    assert grpo_parser().parse_args(trainer["command"][3:]).manifest == trainer["command"][-1]
 
 
 def test_trainer_command_is_what_torchrun_and_the_cli_accept():

@@ -220,7 +220,10 @@ def trainer_command(run: GRPORun) -> list[str]:
     """torchrun rather than the ``deepspeed`` launcher: as the container's PID 1 it must pass the
     kubelet's SIGTERM on to the workers so they checkpoint, and deepspeed's single-node runner
     installs no SIGTERM handler (PID 1 then ignores the signal until SIGKILL). DeepSpeed itself joins
-    the process group torchrun sets up."""
+    the process group torchrun sets up. On CPU the one trainer process is PID 1 itself and
+    checkpoints on SIGTERM as ``grpo train`` does on a laptop."""
+    if run.spec.resources.on_cpu:
+        return ["python", "-m", "grpo_trainer.cli", "train", f"{CONFIG_DIR}/{CONFIG_KEY}"]
     return [
         "torchrun",
         "--standalone",
@@ -277,14 +280,15 @@ def _scratch_mounts() -> list[dict[str, Any]]:
 
 
 def _gpus(count: int) -> dict[str, str]:
-    return {"nvidia.com/gpu": str(count)}
+    return {"nvidia.com/gpu": str(count)} if count else {}
 
 
 def _trainer_env(run: GRPORun) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": "GRPO_RUN_NAME", "value": run.metadata.name},
         {"name": "GRPO_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-        {"name": "GRPO_VLLM_URL", "value": VLLM_URL},
+        # No sidecar on CPU: without a server to reach, the trainer samples in-process.
+        *([] if run.spec.resources.on_cpu else [{"name": "GRPO_VLLM_URL", "value": VLLM_URL}]),
         {"name": "HOME", "value": HOME},
     ]
     return env + _s3_credentials(run)
@@ -363,7 +367,7 @@ def pod(run: GRPORun, *, attempt: int, default_images: Mapping[str, str] = DEFAU
         "automountServiceAccountToken": True,  # the trainer patches the run's status
         "terminationGracePeriodSeconds": termination_grace_seconds(run),
         "securityContext": _pod_security(),
-        "initContainers": [_vllm_sidecar(run, default_images)],
+        **({} if run.spec.resources.on_cpu else {"initContainers": [_vllm_sidecar(run, default_images)]}),
         "containers": [_trainer_container(run, default_images)],
         "volumes": [{"name": "config", "configMap": {"name": names.config_map}}, *_scratch_volumes(run)],
         **_placement(run),
@@ -399,7 +403,7 @@ def _placement(run: GRPORun) -> dict[str, Any]:
     """Where the run's pods may go: its GPU product, tolerations and priority class."""
     resources = run.spec.resources
     placement: dict[str, Any] = {}
-    if resources.gpu_product:
+    if resources.gpu_product and not resources.on_cpu:
         placement["nodeSelector"] = {"nvidia.com/gpu.product": resources.gpu_product}
     if resources.tolerations:
         placement["tolerations"] = [

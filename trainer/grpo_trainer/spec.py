@@ -354,13 +354,21 @@ class Images(APIModel):
 class ResourcesSpec(APIModel):
     """Where and on what the one training pod runs."""
 
-    gpus: int = Field(default=4, ge=1, le=16, description="GPUs of the pod: trainer GPUs plus vLLM GPUs.")
-    trainer_gpus: int = Field(default=3, ge=1, le=16)
-    vllm_gpus: int = Field(default=1, ge=1, le=16)
+    gpus: int = Field(
+        default=4,
+        ge=0,
+        le=16,
+        description=(
+            "GPUs of the pod: trainer GPUs plus vLLM GPUs. 0: one CPU trainer container that samples "
+            "in-process, no vLLM sidecar (to try the operator on kind or minikube)."
+        ),
+    )
+    trainer_gpus: int = Field(default=3, ge=0, le=16)
+    vllm_gpus: int = Field(default=1, ge=0, le=16)
     gpu_product: str = Field(
         default="NVIDIA-A40",
         max_length=63,
-        description="nvidia.com/gpu.product node label to select; empty schedules on any GPU node.",
+        description="nvidia.com/gpu.product node label to select; empty schedules on any GPU node. Ignored with gpus 0.",
     )
     tolerations: list[Toleration] = Field(default_factory=list)
     priority_class_name: str | None = Field(default=None, pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)
@@ -371,7 +379,22 @@ class ResourcesSpec(APIModel):
 
     cel_rules: ClassVar[tuple[CelRule, ...]] = (
         CelRule("self.trainerGpus + self.vllmGpus == self.gpus", "trainerGpus + vllmGpus must equal gpus", field=".gpus"),
+        CelRule(
+            "self.gpus == 0 || self.trainerGpus >= 1",
+            "must be at least 1 on GPUs (gpus 0 trains on CPU)",
+            field=".trainerGpus",
+        ),
+        CelRule(
+            "self.gpus == 0 || self.vllmGpus >= 1",
+            "must be at least 1 on GPUs: the vLLM sidecar samples (gpus 0 samples in-process on CPU)",
+            field=".vllmGpus",
+        ),
     )
+
+    @property
+    def on_cpu(self) -> bool:
+        """Whether the run's pod trains on CPU: one container, in-process sampling, no sidecar."""
+        return self.gpus == 0
 
 
 # --------------------------------------------------------------------------------- checkpoints
