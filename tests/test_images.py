@@ -69,3 +69,9 @@ def test_the_build_context_holds_what_the_dockerfiles_copy():
     for dockerfile in DOCKERFILES:
         for sources in re.findall(r"^COPY (?!--from)(.+) \S+$", dockerfile.read_text(), re.MULTILINE):
             assert set(sources.split()) <= allowed, (dockerfile.name, sources)
+
+
+@pytest.mark.parametrize("script", sorted((REPO / "scripts").glob("*.sh")), ids=lambda path: path.name)
+def test_the_scripts_parse(script):
+    """Some never run in CI (kind-e2e.sh needs Docker): bash at least reads each."""
+    subprocess.run(["bash", "-n", str(script)], check=True, timeout=30)
