@@ -162,3 +162,31 @@ def test_notes_say_what_to_do_next(tmp_path):
         assert step in notes, step
     assert yaml.safe_load((REPO / "examples" / "exp3-open-rs-cosine.yaml").read_text())["spec"]["checkpoints"][
         "credentialsSecret"] == "s3-credentials"
+
+
+def test_the_readmes_cluster_path_agrees_with_the_chart_the_example_and_the_metrics():
+    import prometheus_client
+
+    import grpo_operator.metrics  # noqa: F401  (registers the operator's metrics)
+
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## On a cluster", 1)[1].split("\n## ", 1)[0]
+    objects = rendered("defaults")
+    example = yaml.safe_load((REPO / "examples" / "exp3-open-rs-cosine.yaml").read_text())
+    name, checkpoints = example["metadata"]["name"], example["spec"]["checkpoints"]
+    for said in (
+        f"helm install {RELEASE} charts/grpo-operator --namespace {NAMESPACE}",
+        f"rollout status deployment/{one(objects, 'Deployment')['metadata']['name']}",
+        f"create secret generic {checkpoints['credentialsSecret']}",
+        "kubectl apply -f examples/exp3-open-rs-cosine.yaml", "kubectl get grporuns -w", f"kubectl describe grporun {name}",
+        f"{checkpoints['storage']}/{name}/checkpoints/step-NNNNNNNN/",
+        f"`{one(objects, 'Service')['metadata']['name']}` Service, port {default_values()['metrics']['port']}",
+        '{"spec":{"suspend":true}}', '{"spec":{"suspend":false}}', f"kubectl delete grporun {name}",
+        "nvidia.com/gpu.product", "scripts/kind-e2e.sh", "examples/cpu-smollm2.yaml",
+    ):
+        assert said in section, said
+    exposed = {metric.name for metric in prometheus_client.REGISTRY.collect()}
+    for metric in ("grpo_operator_runs", "grpo_operator_reconcile_passes", "grpo_operator_reconcile_errors",
+                   "grpo_operator_pod_recreations"):
+        assert metric in exposed and f"`{metric}" in section, metric
+    assert example["spec"].get("resources", {}).get("gpuProduct", "NVIDIA-A40") in section
