@@ -179,7 +179,7 @@ async def test_the_operator_as_the_chart_deploys_it_runs_a_run_from_creation_to_
     process = await asyncio.create_subprocess_exec(
         *command, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     try:
-        kube.create_object(GRPORUNS, manifest(), NS)
+        kube.create_object(GRPORUNS, manifest(resources={}), NS)  # on GPUs: a trainer and a vLLM sidecar
         pod = await eventually(lambda: pod_of(kube, 1) or process.returncode is not None, timeout=30)
         assert process.returncode is None
         assert pod["spec"]["containers"][0]["image"] == "registry.local/ml/trainer:9.9.9"
