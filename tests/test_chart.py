@@ -48,6 +48,10 @@ def rendered(name: str) -> tuple[dict, ...]:
     return tuple(render(VALUES[name], crds=True))
 
 
+def test_the_chart_says_the_oldest_kubernetes_we_validate_for():
+    assert chart_metadata()["kubeVersion"] == f">={OLDEST}.0-0"
+
+
 @pytest.mark.parametrize("values", VALUES)
 def test_helm_lints_the_chart(values):
     result = helm("lint", str(CHART), "--strict", "--namespace", NAMESPACE, values=VALUES[values])
