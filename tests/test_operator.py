@@ -21,6 +21,7 @@ from typing import Any
 
 import kopf
 import kubernetes
+import prometheus_client
 import pytest
 import yaml
 from kube_emulator import (
@@ -401,6 +402,32 @@ async def test_fifty_runs_at_once_each_get_one_pod(kube: KubeEmulator):
     assert {name: list(pods_ever(kube, name)) for name in names} == {name: [pod_name(name, 1)] for name in names}
 
 
+def metric(name: str, **labels: str) -> float:
+    return prometheus_client.REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@pytest.mark.asyncio
+async def test_metrics_count_runs_by_phase_reconcile_passes_errors_and_pod_recreations(kube: KubeEmulator):
+    names = ("grpo_operator_reconcile_passes_total", "grpo_operator_reconcile_errors_total", "grpo_operator_pod_recreations_total")
+    before = {name: metric(name) for name in names}
+    kube.fail(1, 500, verb="create", resource="pods")
+    async with operator(kube):
+        kube.create_object(GRPORUNS, manifest(), NS)
+        await eventually(lambda: pod_of(kube, 1))
+        assert metric("grpo_operator_runs", phase="Pending") == 1
+        report(kube, 1, "Running")
+        await eventually(lambda: metric("grpo_operator_runs", phase="Running") == 1)
+        end(kube, 1, "crash")
+        await eventually(lambda: pod_of(kube, 2))
+        assert (metric("grpo_operator_runs", phase="Pending"), metric("grpo_operator_runs", phase="Running")) == (1, 0)
+        kube.delete_object(GRPORUNS, NS, "run")
+        await eventually(lambda: run_of(kube) is None)
+
+    passes, errors, recreations = (metric(name) - before[name] for name in names)
+    assert (errors, recreations) == (1, 1) and passes >= 4
+    assert metric("grpo_operator_runs", phase="Pending") == 0, "a deleted run is no longer counted"
+
+
 # ------------------------------------------------------------------------------ killed and restarted
 
 
@@ -702,7 +729,9 @@ async def test_deleting_a_run_deletes_its_evaluation_jobs_and_their_pods(kube: K
 def test_operator_command_takes_a_namespace_or_all_of_them():
     assert grpo_parser().parse_args(["operator", "-n", "a", "-n", "b"]).namespace == ["a", "b"]
     assert grpo_parser().parse_args(["operator", "--all-namespaces", "-v"]).all_namespaces
-    for wrong in (["operator"], ["operator", "-n", "a", "-A"]):
+    ports = grpo_parser().parse_args(["operator", "-A", "--metrics-port=8080", "--health-port", "8081"])
+    assert (ports.metrics_port, ports.health_port) == (8080, 8081)
+    for wrong in (["operator"], ["operator", "-n", "a", "-A"], ["operator", "-A", "--metrics-port=0"]):
         with pytest.raises(SystemExit):
             grpo_parser().parse_args(wrong)
 

@@ -21,7 +21,7 @@ from grpo_operator import manifests
 from grpo_operator.manifests import job_name, pod_name, resource_names
 from grpo_trainer.cli import parser as grpo_parser
 from grpo_trainer.model import ModelLocation
-from grpo_trainer.spec import DNS_LABEL_PATTERN, CheckpointRef, GRPORun
+from grpo_trainer.spec import DEFAULT_IMAGES, DNS_LABEL_PATTERN, CheckpointRef, GRPORun
 from grpo_trainer.termination import EXIT_INVALID
 from grpo_trainer.validation import load_manifest, validate_manifest
 from grpo_trainer.vllm_server import NCCL_ENVIRONMENT, serve_command
@@ -61,10 +61,15 @@ VARIANTS = {
     "8-gpus-slow-checkpoint": {"resources": {"gpus": 8, "trainerGpus": 7, "vllmGpus": 1},
                                "checkpoints": {"preemptionGraceSeconds": 300}},
     "long-name": {"name": LONG_NAME},
+    "own-images": {"resources": {"images": {"trainer": "registry.local/trainer:fix", "vllm": "registry.local/vllm:fix"}}},
     "evaluation": {"evaluation": {"gpus": 2, "deadlineSeconds": 3600, "benchmarks": ["aime24", "math500"],
                                   "samplesPerProblem": 8, "selectBy": "aime24"},
                    "checkpoints": {"endpointUrl": "http://minio.storage:9000"}},
 }
+
+
+CPU_RUN = make_run(resources={"gpus": 0, "trainerGpus": 0, "vllmGpus": 0, "cpu": "2", "memory": "6Gi", "shmSize": "1Gi"})
+"""A run on CPU (kind, minikube): not among VARIANTS, whose pods all have the vLLM sidecar."""
 
 
 @functools.cache
@@ -124,20 +129,11 @@ def served_command(run: GRPORun) -> tuple[list[str], dict[str, str]]:
 # ------------------------------------------------------------------------------ API validity
 
 
-@pytest.fixture(scope="module")
-def cached_schemas():
-    """kubernetes-validate reads a 2 MB schema file again on every call; read each one once."""
-    with pytest.MonkeyPatch.context() as patch:
-        utils = kubernetes_validate.utils
-        patch.setattr(utils, "schema_contents", functools.cache(utils.schema_contents))
-        yield
-
-
 @pytest.mark.usefixtures("cached_schemas")
 @pytest.mark.parametrize("version", VERSIONS)
 def test_every_object_is_valid_for_the_kubernetes_version(version):
-    for name in VARIANTS:
-        for obj in all_objects(variant(name), attempt=12):
+    for run in [*map(variant, VARIANTS), CPU_RUN]:
+        for obj in all_objects(run, attempt=12):
             kubernetes_validate.validate(obj, version, strict=True)
 
 
@@ -259,6 +255,20 @@ def test_gpus_are_split_between_trainer_and_sidecar(run):
     assert trainer["resources"]["requests"]["memory"] == trainer["resources"]["limits"]["memory"] == resources.memory
 
 
+def test_a_cpu_run_is_one_trainer_process_that_samples_in_process_on_any_node():
+    pod = manifests.pod(CPU_RUN, attempt=1)["spec"]
+    (trainer,) = pod["containers"]
+    assert "initContainers" not in pod and "nodeSelector" not in pod, "no sidecar, no GPU node"
+    assert trainer["resources"] == {"requests": {"cpu": "2", "memory": "6Gi"}, "limits": {"memory": "6Gi"}}
+    assert "GRPO_VLLM_URL" not in env_of(trainer), "nothing to reach: the trainer samples in-process"
+    read = yaml.safe_load(manifests.config_map(CPU_RUN)["data"][manifests.CONFIG_KEY])
+    assert read["spec"]["rollout"]["backend"] == "in-process"
+    gpu_read = yaml.safe_load(manifests.config_map(variant("exp2"))["data"][manifests.CONFIG_KEY])
+    assert gpu_read["spec"]["rollout"]["backend"] == "server"
+    assert trainer["command"] == ["python", "-m", "grpo_trainer.cli", "train", f"{manifests.CONFIG_DIR}/{manifests.CONFIG_KEY}"]
+    assert grpo_parser().parse_args(trainer["command"][3:]).manifest == trainer["command"][-1]
+
+
 def test_trainer_command_is_what_torchrun_and_the_cli_accept():
     from torch.distributed.run import get_args_parser
 
@@ -282,7 +292,8 @@ def test_trainer_command_is_what_torchrun_and_the_cli_accept():
 def test_vllm_is_a_native_sidecar_on_loopback_that_the_trainer_reaches(run):
     trainer, sidecar = trainer_and_sidecar(manifests.pod(run, attempt=0))
     assert sidecar["restartPolicy"] == "Always"
-    assert sidecar["image"] == run.spec.resources.images.vllm and trainer["image"] == run.spec.resources.images.trainer
+    images = run.spec.resources.images
+    assert (sidecar["image"], trainer["image"]) == (images.vllm or DEFAULT_IMAGES["vllm"], images.trainer or DEFAULT_IMAGES["trainer"])
     assert sidecar["imagePullPolicy"] == trainer["imagePullPolicy"] == run.spec.resources.images.pull_policy
     command, _ = served_command(run)
     assert "--host=127.0.0.1" in command
@@ -345,6 +356,16 @@ def test_both_containers_share_the_nccl_settings_weights_cross_over(run):
     assert NCCL_ENVIRONMENT["NCCL_P2P_DISABLE"] == "1"
     assert {name for name in NCCL_ENVIRONMENT if name.startswith("NCCL_CUMEM")} == {"NCCL_CUMEM_ENABLE",
                                                                                    "NCCL_CUMEM_HOST_ENABLE"}
+
+
+def test_a_run_naming_no_images_gets_the_operators_and_one_naming_them_its_own():
+    configured = manifests.default_images({"GRPO_TRAINER_IMAGE": "mirror.local/trainer:1", "GRPO_VLLM_IMAGE": "mirror.local/vllm:1"})
+    assert manifests.default_images({}) == DEFAULT_IMAGES
+    for name, expected in (("exp2", configured), ("own-images", {"trainer": "registry.local/trainer:fix", "vllm": "registry.local/vllm:fix"})):
+        run = variant(name)
+        trainer, sidecar = trainer_and_sidecar(manifests.pod(run, attempt=1, default_images=configured))
+        (evaluation,) = manifests.evaluation_job(run, checkpoint_of(run, 50), default_images=configured)["spec"]["template"]["spec"]["containers"]
+        assert (trainer["image"], sidecar["image"], evaluation["image"]) == (expected["trainer"], expected["vllm"], expected["vllm"]), name
 
 
 def test_shm_is_memory_backed_and_mounted_in_both_containers(run):
@@ -487,7 +508,7 @@ def test_evaluation_job_runs_on_the_runs_nodes_with_its_credentials_and_retries_
     trainer, _ = trainer_and_sidecar(manifests.pod(run, attempt=0))
     for key in ("nodeSelector", "tolerations", "priorityClassName", "securityContext"):
         assert spec[key] == trainer_pod[key], key
-    assert container["image"] == run.spec.resources.images.vllm
+    assert container["image"] == DEFAULT_IMAGES["vllm"]
     assert container["resources"] == {"requests": {"nvidia.com/gpu": "1"}, "limits": {"nvidia.com/gpu": "1"}}
     aws = {name: entry for name, entry in env_of(container).items() if name.startswith("AWS_")}
     assert aws == {name: entry for name, entry in env_of(trainer).items() if name.startswith("AWS_")} and aws

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -27,7 +28,7 @@ from typing import Any
 import kopf
 import urllib3
 
-from grpo_operator import manifests
+from grpo_operator import manifests, metrics
 from grpo_operator.cluster import ApiException, Cluster
 from grpo_operator.manifests import APP_LABEL, EVALUATION_LABEL, RUN_LABEL
 from grpo_operator.state import ABSENT, decide, observe_evaluations, observe_pod, validate_body, watches_evaluations
@@ -78,6 +79,7 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     memo.wakeups = {}  # (namespace, run name) → the asyncio.Event its loop sleeps on
     memo.checkpoints = {}  # (namespace, run name) → the step of the latest checkpoint a wake-up was for
     memo.retry_delays = list(settings.networking.error_backoffs) or [1.0]
+    memo.default_images = manifests.default_images(os.environ)
     if "cluster" not in memo:  # tests and benchmarks bring one connected to their API server
         memo.cluster = Cluster.connect()
 
@@ -101,9 +103,13 @@ async def reconcile_loop(
     try:
         while not stopped:
             wakeup.clear()  # before reading: a change from now on wakes the next pass
+            metrics.RECONCILE_PASSES.inc()
             try:
-                requeue_at = await asyncio.to_thread(reconcile, memo.cluster, namespace, name, validation)
+                requeue_at = await asyncio.to_thread(
+                    reconcile, memo.cluster, namespace, name, validation, memo.default_images
+                )
             except API_ERRORS as error:  # retried as kopf retries its own API calls
+                metrics.RECONCILE_ERRORS.inc()
                 delay = memo.retry_delays[min(failures, len(memo.retry_delays) - 1)]
                 failures += 1
                 logger.warning(f"reconcile failed, again in {delay} s: {_describe(error)}")
@@ -115,6 +121,7 @@ async def reconcile_loop(
         if memo.wakeups.get(key) is wakeup:  # a new run of the same name may have its own loop by now
             del memo.wakeups[key]
             memo.checkpoints.pop(key, None)
+            metrics.RUNS.forget(namespace, name)
 
 
 def _new_generation(meta: Mapping[str, Any], status: Mapping[str, Any], **_: Any) -> bool:
@@ -199,9 +206,16 @@ class Validation:
         return self.result
 
 
-def reconcile(cluster: Cluster, namespace: str, name: str, validation: Validation) -> datetime | None:
+def reconcile(
+    cluster: Cluster,
+    namespace: str,
+    name: str,
+    validation: Validation,
+    default_images: Mapping[str, str] = manifests.DEFAULT_IMAGES,
+) -> datetime | None:
     """One pass: read the run, then its evaluation Jobs if it has any to watch, then its pods (in
-    that order, as decide requires), decide, act. Returns when to come back even if nothing changes."""
+    that order, as decide requires), decide, act. Returns when to come back even if nothing changes.
+    A run that names no images gets ``default_images``."""
     body = cluster.read_run(namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return None  # kopf stops this loop
@@ -218,16 +232,20 @@ def reconcile(cluster: Cluster, namespace: str, name: str, validation: Validatio
     evaluations = observe_evaluations(jobs, evaluators)
     now = datetime.now(UTC)
     decision = decide(spec, status, newest, generation=body["metadata"]["generation"], now=now, evaluations=evaluations)
+    metrics.RUNS.record(namespace, name, decision.status.phase)
 
     if decision.create_pod is not None and isinstance(run, GRPORun):
         # What the pod mounts and runs as first: the pod names its ConfigMap and ServiceAccount.
         for build in (manifests.config_map, manifests.service_account, manifests.role, manifests.role_binding):
             cluster.apply(build(run))
-        cluster.create(manifests.pod(run, attempt=decision.create_pod))  # exists already: adopted next pass
+        pod = manifests.pod(run, attempt=decision.create_pod, default_images=default_images)
+        if cluster.create(pod) and decision.create_pod > 1:  # False: it exists already, adopted next pass
+            metrics.POD_RECREATIONS.inc()
     if decision.create_jobs and isinstance(run, GRPORun):
         cluster.apply(manifests.evaluation_service_account(run))
         for checkpoint in decision.create_jobs:
-            cluster.create(manifests.evaluation_job(run, checkpoint))  # exists already: observed next pass
+            job = manifests.evaluation_job(run, checkpoint, default_images=default_images)
+            cluster.create(job)  # exists already: observed next pass
     if decision.delete_pod is not None:
         cluster.delete_pod(namespace, decision.delete_pod)
     change = status_patch(stored, decision.status)

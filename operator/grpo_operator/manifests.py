@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import yaml
 
 from grpo_trainer import vllm_server
 from grpo_trainer.scores import evaluation_prefix
-from grpo_trainer.spec import API_GROUP, API_VERSION, KIND, PLURAL, CheckpointRef, GRPORun
+from grpo_trainer.spec import API_GROUP, API_VERSION, DEFAULT_IMAGES, KIND, PLURAL, CheckpointRef, GRPORun
 from grpo_trainer.termination import EXIT_INVALID
 
 APP_LABEL = {"app.kubernetes.io/name": "grpo-operator"}
@@ -49,6 +50,19 @@ EVALUATION_BACKOFF_LIMIT = 2
 # one that acts and torchrun has time to exit after its workers.
 LAUNCHER_MARGIN_SECONDS = 5
 POD_MARGIN_SECONDS = 15
+
+
+IMAGE_VARIABLES = {"trainer": "GRPO_TRAINER_IMAGE", "vllm": "GRPO_VLLM_IMAGE"}
+"""The operator's environment variables (the Helm chart sets them) naming the images of runs that name none."""
+
+
+def default_images(environment: Mapping[str, str]) -> dict[str, str]:
+    """The images of runs that name none: those the environment names, else DEFAULT_IMAGES."""
+    return {image: environment.get(variable) or DEFAULT_IMAGES[image] for image, variable in IMAGE_VARIABLES.items()}
+
+
+def _image(run: GRPORun, image: str, default_images: Mapping[str, str]) -> str:
+    return getattr(run.spec.resources.images, image) or default_images[image]
 
 
 class RunResources(NamedTuple):
@@ -135,15 +149,15 @@ def _metadata(
 def config_map(run: GRPORun) -> dict[str, Any]:
     """The run's manifest as the trainer and the vLLM sidecar read it (``grpo train
     /etc/grpo/run.yaml``): the validated spec with its defaults, and no server-side metadata or
-    status. The pod always has the sidecar, so its trainer samples from it (spec.rollout.backend
-    server) whatever the manifest says for runs outside a pod."""
+    status. A GPU pod has the sidecar, so its trainer samples from it (spec.rollout.backend
+    server) whatever the manifest says for runs outside a pod; a CPU pod (gpus: 0) samples in-process."""
     manifest = run.model_dump(
         mode="json",
         by_alias=True,
         exclude_none=True,
         include={"api_version": True, "kind": True, "metadata": {"name", "namespace"}, "spec": True},
     )
-    manifest["spec"]["rollout"]["backend"] = "server"
+    manifest["spec"]["rollout"]["backend"] = "in-process" if run.spec.resources.on_cpu else "server"
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -210,7 +224,10 @@ def trainer_command(run: GRPORun) -> list[str]:
     """torchrun rather than the ``deepspeed`` launcher: as the container's PID 1 it must pass the
     kubelet's SIGTERM on to the workers so they checkpoint, and deepspeed's single-node runner
     installs no SIGTERM handler (PID 1 then ignores the signal until SIGKILL). DeepSpeed itself joins
-    the process group torchrun sets up."""
+    the process group torchrun sets up. On CPU the one trainer process is PID 1 itself and
+    checkpoints on SIGTERM as ``grpo train`` does on a laptop."""
+    if run.spec.resources.on_cpu:
+        return ["python", "-m", "grpo_trainer.cli", "train", f"{CONFIG_DIR}/{CONFIG_KEY}"]
     return [
         "torchrun",
         "--standalone",
@@ -259,7 +276,7 @@ def _scratch_mounts() -> list[dict[str, Any]]:
 
 
 def _gpus(count: int) -> dict[str, str]:
-    return {"nvidia.com/gpu": str(count)}
+    return {"nvidia.com/gpu": str(count)} if count else {}
 
 
 def _nccl_env() -> list[dict[str, Any]]:
@@ -272,7 +289,8 @@ def _trainer_env(run: GRPORun) -> list[dict[str, Any]]:
     return [
         {"name": "GRPO_RUN_NAME", "value": run.metadata.name},
         {"name": "GRPO_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-        {"name": vllm_server.SERVER_URL_VARIABLE, "value": VLLM_URL},
+        # No sidecar on CPU: without a server to reach, the trainer samples in-process.
+        *([] if run.spec.resources.on_cpu else [{"name": vllm_server.SERVER_URL_VARIABLE, "value": VLLM_URL}]),
         {"name": "HOME", "value": HOME},
         *_nccl_env(),
         *_s3_credentials(run),
@@ -291,11 +309,11 @@ def _s3_credentials(run: GRPORun) -> list[dict[str, Any]]:
     ]
 
 
-def _trainer_container(run: GRPORun) -> dict[str, Any]:
+def _trainer_container(run: GRPORun, default_images: Mapping[str, str]) -> dict[str, Any]:
     resources = run.spec.resources
     return {
         "name": "trainer",
-        "image": resources.images.trainer,
+        "image": _image(run, "trainer", default_images),
         "imagePullPolicy": resources.images.pull_policy,
         "command": trainer_command(run),
         "env": _trainer_env(run),
@@ -314,13 +332,13 @@ def _trainer_container(run: GRPORun) -> dict[str, Any]:
     }
 
 
-def _vllm_sidecar(run: GRPORun) -> dict[str, Any]:
+def _vllm_sidecar(run: GRPORun, default_images: Mapping[str, str]) -> dict[str, Any]:
     """A native sidecar (an init container that keeps running): the kubelet starts the trainer only
     once its startup probe passes, and stops it after the trainer exits."""
     resources = run.spec.resources
     return {
         "name": "vllm",
-        "image": resources.images.vllm,
+        "image": _image(run, "vllm", default_images),
         "imagePullPolicy": resources.images.pull_policy,
         "restartPolicy": "Always",
         "command": vllm_command(),
@@ -339,10 +357,11 @@ def termination_grace_seconds(run: GRPORun) -> int:
     return run.spec.checkpoints.preemption_grace_seconds + POD_MARGIN_SECONDS
 
 
-def pod(run: GRPORun, *, attempt: int) -> dict[str, Any]:
+def pod(run: GRPORun, *, attempt: int, default_images: Mapping[str, str] = DEFAULT_IMAGES) -> dict[str, Any]:
     """The pod of one attempt at the run. The operator, not the kubelet, restarts a failed attempt
     (restartPolicy Never) so it can count restarts and back off, and it enforces the run's deadline
-    across attempts, so the pod has no activeDeadlineSeconds."""
+    across attempts, so the pod has no activeDeadlineSeconds. Images the run leaves out are
+    ``default_images``."""
     names = resource_names(run.metadata.name)
     labels = {**run_labels(run.metadata.name), ATTEMPT_LABEL: str(attempt)}
     spec: dict[str, Any] = {
@@ -351,8 +370,8 @@ def pod(run: GRPORun, *, attempt: int) -> dict[str, Any]:
         "automountServiceAccountToken": True,  # the trainer patches the run's status
         "terminationGracePeriodSeconds": termination_grace_seconds(run),
         "securityContext": _pod_security(),
-        "initContainers": [_vllm_sidecar(run)],
-        "containers": [_trainer_container(run)],
+        **({} if run.spec.resources.on_cpu else {"initContainers": [_vllm_sidecar(run, default_images)]}),
+        "containers": [_trainer_container(run, default_images)],
         "volumes": [{"name": "config", "configMap": {"name": names.config_map}}, *_scratch_volumes(run)],
         **_placement(run),
     }
@@ -387,7 +406,7 @@ def _placement(run: GRPORun) -> dict[str, Any]:
     """Where the run's pods may go: its GPU product, tolerations and priority class."""
     resources = run.spec.resources
     placement: dict[str, Any] = {}
-    if resources.gpu_product:
+    if resources.gpu_product and not resources.on_cpu:
         placement["nodeSelector"] = {"nvidia.com/gpu.product": resources.gpu_product}
     if resources.tolerations:
         placement["tolerations"] = [
@@ -442,11 +461,11 @@ def evaluation_args(run: GRPORun, checkpoint: CheckpointRef) -> list[str]:
     return args
 
 
-def _evaluation_container(run: GRPORun, checkpoint: CheckpointRef) -> dict[str, Any]:
+def _evaluation_container(run: GRPORun, checkpoint: CheckpointRef, default_images: Mapping[str, str]) -> dict[str, Any]:
     resources, gpus = run.spec.resources, run.spec.evaluation.gpus
     return {
         "name": "eval",
-        "image": resources.images.vllm,  # vLLM, and this package beside it
+        "image": _image(run, "vllm", default_images),  # vLLM, and this package beside it
         "imagePullPolicy": resources.images.pull_policy,
         "command": ["python", "-m", "grpo_trainer.cli", *evaluation_args(run, checkpoint)],
         "env": [{"name": "HOME", "value": HOME}, *_s3_credentials(run)],
@@ -458,18 +477,21 @@ def _evaluation_container(run: GRPORun, checkpoint: CheckpointRef) -> dict[str, 
     }
 
 
-def evaluation_job(run: GRPORun, checkpoint: CheckpointRef) -> dict[str, Any]:
+def evaluation_job(
+    run: GRPORun, checkpoint: CheckpointRef, *, default_images: Mapping[str, str] = DEFAULT_IMAGES
+) -> dict[str, Any]:
     """The Job that evaluates one checkpoint. A failed pod is retried EVALUATION_BACKOFF_LIMIT
     times, except for bad input (exit 2: a missing checkpoint, say), which fails the Job at once; a
     pod disrupted by preemption or a drain is retried without counting. The Job fails for good
-    after spec.evaluation.deadlineSeconds, retries included."""
+    after spec.evaluation.deadlineSeconds, retries included. Its image, if the run names none, is
+    ``default_images``' vllm."""
     labels = {**run_labels(run.metadata.name), EVALUATION_LABEL: str(checkpoint.step)}
     template_spec = {
         "restartPolicy": "Never",  # the Job retries a failed pod; podFailurePolicy requires Never
         "serviceAccountName": evaluation_service_account_name(run.metadata.name),
         "automountServiceAccountToken": False,
         "securityContext": _pod_security(),
-        "containers": [_evaluation_container(run, checkpoint)],
+        "containers": [_evaluation_container(run, checkpoint, default_images)],
         "volumes": _scratch_volumes(run),
         **_placement(run),
     }

@@ -231,11 +231,19 @@ def operator(args: argparse.Namespace) -> int:
     import kopf
 
     import grpo_operator.handlers  # noqa: F401  (importing it registers the handlers with kopf)
+    from grpo_operator import metrics
 
     kopf.configure(verbose=args.verbose)
+    if args.metrics_port:
+        metrics.serve(args.metrics_port)
     # Standalone: one replica, and no kopf peering objects to install. Two operators at once would
     # still never start two pods of a run (pod names are per attempt), but would race on its status.
-    kopf.run(standalone=True, clusterwide=args.all_namespaces, namespaces=args.namespace or ())
+    kopf.run(
+        standalone=True,
+        clusterwide=args.all_namespaces,
+        namespaces=args.namespace or (),
+        liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None,
+    )
     return 0
 
 
@@ -293,6 +301,8 @@ def parser() -> argparse.ArgumentParser:
                        help="watch GRPORuns in this namespace; repeatable, globs such as 'team-*' too")
     scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch GRPORuns in every namespace")
     command.add_argument("-v", "--verbose", action="store_true", help="log kopf's debug messages")
+    command.add_argument("--metrics-port", type=_port, metavar="PORT", help="serve Prometheus metrics on http://0.0.0.0:PORT/metrics")
+    command.add_argument("--health-port", type=_port, metavar="PORT", help="serve kopf's liveness probe on http://0.0.0.0:PORT/healthz")
     command.set_defaults(handler=operator)
     return root
 
@@ -321,6 +331,7 @@ def _number(kind: type, test, what: str):
 _positive = _number(int, lambda v: v >= 1, "at least 1")
 _non_negative = _number(float, lambda v: 0 <= v <= 10, "between 0 and 10")
 _probability = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")
+_port = _number(int, lambda v: 1 <= v <= 65535, "a port (1 to 65535)")
 
 
 def main(argv: list[str] | None = None) -> int:

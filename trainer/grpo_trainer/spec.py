@@ -366,22 +366,50 @@ class Toleration(APIModel):
     )
 
 
+IMAGES_VERSION = "0.1.0"
+"""The tag of the images built from this version of the package (scripts/build-images.sh)."""
+DEFAULT_IMAGES = {
+    "trainer": f"ghcr.io/grpo-operator/trainer:{IMAGES_VERSION}",
+    "vllm": f"ghcr.io/grpo-operator/vllm:{IMAGES_VERSION}",
+}
+"""The images a run that names none gets from an operator configured with no others (the Helm
+chart's defaults are these)."""
+
+
 class Images(APIModel):
-    trainer: str = Field(default="ghcr.io/grpo-operator/trainer:0.1.0", min_length=1)
-    vllm: str = Field(default="ghcr.io/grpo-operator/vllm:0.1.0", min_length=1)
+    # No default in the CRD: an operator installed with other images (a mirror, a newer tag) gives
+    # them to every run that leaves these out.
+    trainer: str | None = Field(
+        default=None,
+        min_length=1,
+        description=f"The trainer's image; unset: the operator's (the Helm chart's images values, by default {DEFAULT_IMAGES['trainer']}).",
+    )
+    vllm: str | None = Field(
+        default=None,
+        min_length=1,
+        description=f"The vLLM sidecar's and evaluation Jobs' image; unset: the operator's (by default {DEFAULT_IMAGES['vllm']}).",
+    )
     pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
 
 
 class ResourcesSpec(APIModel):
     """Where and on what the one training pod runs."""
 
-    gpus: int = Field(default=4, ge=1, le=16, description="GPUs of the pod: trainer GPUs plus vLLM GPUs.")
-    trainer_gpus: int = Field(default=3, ge=1, le=16)
-    vllm_gpus: int = Field(default=1, ge=1, le=16)
+    gpus: int = Field(
+        default=4,
+        ge=0,
+        le=16,
+        description=(
+            "GPUs of the pod: trainer GPUs plus vLLM GPUs. 0: one CPU trainer container that samples "
+            "in-process, no vLLM sidecar (to try the operator on kind or minikube)."
+        ),
+    )
+    trainer_gpus: int = Field(default=3, ge=0, le=16)
+    vllm_gpus: int = Field(default=1, ge=0, le=16)
     gpu_product: str = Field(
         default="NVIDIA-A40",
         max_length=63,
-        description="nvidia.com/gpu.product node label to select; empty schedules on any GPU node.",
+        description="nvidia.com/gpu.product node label to select; empty schedules on any GPU node. Ignored with gpus 0.",
     )
     tolerations: list[Toleration] = Field(default_factory=list)
     priority_class_name: str | None = Field(default=None, pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)
@@ -392,7 +420,22 @@ class ResourcesSpec(APIModel):
 
     cel_rules: ClassVar[tuple[CelRule, ...]] = (
         CelRule("self.trainerGpus + self.vllmGpus == self.gpus", "trainerGpus + vllmGpus must equal gpus", field=".gpus"),
+        CelRule(
+            "self.gpus == 0 || self.trainerGpus >= 1",
+            "must be at least 1 on GPUs (gpus 0 trains on CPU)",
+            field=".trainerGpus",
+        ),
+        CelRule(
+            "self.gpus == 0 || self.vllmGpus >= 1",
+            "must be at least 1 on GPUs: the vLLM sidecar samples (gpus 0 samples in-process on CPU)",
+            field=".vllmGpus",
+        ),
     )
+
+    @property
+    def on_cpu(self) -> bool:
+        """Whether the run's pod trains on CPU: one container, in-process sampling, no sidecar."""
+        return self.gpus == 0
 
 
 # --------------------------------------------------------------------------------- checkpoints
