@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import socket
 import tempfile
 import time
 import urllib.error
@@ -46,6 +45,7 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
+from grpo_trainer.engine import _free_port
 from grpo_trainer.vllm_client import _error_text, _reason
 from grpo_trainer.vllm_server import HOST
 
@@ -187,7 +187,7 @@ class PackedBroadcast:
         self.buffer_bytes = buffer_bytes
         self.num_buffers = num_buffers
         self.group = None
-        self.store = None
+        self.store = None  # the rendezvous this rank hosts, which the group uses while it lives
 
     def push(self, calls, weights, version) -> int:
         if self.group is None:
@@ -201,7 +201,13 @@ class PackedBroadcast:
         # The server receives inside /update_weights: its answer comes only after the broadcast.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="update-weights") as pool:
             answered = pool.submit(calls.post, UPDATE_WEIGHTS_ROUTE, {"update_info": update_info})
-            sent = self._broadcast(weights)
+            try:
+                sent = self._broadcast(weights)
+            except PhaseFailed:
+                # The server's refusal (an engine that lost its group, say) says more than the timeout.
+                if answered.done() and answered.exception() is not None:
+                    raise answered.exception() from None
+                raise
             answered.result()
         calls.post(FINISH_UPDATE_ROUTE, {"weight_version": version})
         return sent
@@ -399,12 +405,6 @@ class WeightSync:
     def close(self) -> None:
         for transport in self.transports:
             transport.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        return probe.getsockname()[1]
 
 
 def _first_line(error: BaseException) -> str:
