@@ -175,6 +175,20 @@ def test_a_restarted_server_is_found_before_the_rollout_and_given_the_weights_ag
     sync.close()
 
 
+def test_a_server_gone_before_the_rollout_is_waited_for_then_the_attempt_ends(policy, unused_tcp_port):
+    """No answer to GET /weight_info: waited for as at startup (GET /health), then the rollout
+    client's retryable error, never a hang."""
+    from grpo_trainer.vllm_client import RolloutServerError
+
+    gone = f"http://127.0.0.1:{unused_tcp_port}"
+    client = ServerSampler(gone, eos_token_ids=[2], rollout=RolloutSpec(backend="server", startup_timeout_seconds=1))
+    sync = WeightSync(gone, dtype=torch.float32, timeout=TIMEOUT, label="3", transports=[ShmSafetensors()],
+                      wait_until_ready=client.wait_until_ready)
+    with pytest.raises(RolloutServerError, match=f"vLLM server at {gone}: not ready after 1 s"):
+        sync.ensure_current(policy, "3")
+    sync.close()
+
+
 # ---------------------------------------------------------------------------------- grpo train
 
 
