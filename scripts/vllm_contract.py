@@ -29,6 +29,7 @@ ROUTERS = {
     "vllm/entrypoints/openai/completion/api_router.py": False,
     "vllm/entrypoints/rl/online/api_router.py": True,  # pause/resume and the weight-transfer routes
     "vllm/entrypoints/serve/dev/cache/api_router.py": True,  # /reset_prefix_cache
+    "vllm/entrypoints/serve/dev/rpc/api_router.py": True,  # /collective_rpc: the /dev/shm fallback's reload
 }
 ROUTER_REGISTRATION = "vllm/entrypoints/launchers/api_server/routers.py"
 # What the dev-mode branch of the registration must import for ROUTERS' True entries to hold.
@@ -51,6 +52,10 @@ MODELS = {
 # frontend dataclasses (cli_args.py derives those from the field names).
 FLAG_FILES = ("vllm/entrypoints/common/cli_args.py", "vllm/engine/arg_utils.py")
 FRONTEND_ARG_CLASSES = ("BaseFrontendArgs", "FrontendArgs")
+
+# Worker methods the trainer calls through /collective_rpc, and the file of the class defining them.
+WORKER = ("vllm/v1/worker/gpu_worker.py", "Worker")
+WORKER_METHODS = ("reload_weights",)
 
 ENVIRONMENT_VARIABLES = ("VLLM_SERVER_DEV_MODE",)
 SHARED_REQUIREMENTS = {"torch", "transformers"}
@@ -128,6 +133,21 @@ def _body_and_query(function: ast.AsyncFunctionDef | ast.FunctionDef) -> tuple[l
     return body, query
 
 
+def _raw_body_fields(function: ast.AsyncFunctionDef | ast.FunctionDef) -> list[str]:
+    """The fields a route reads from a JSON body it parses itself (``body.get("name")``)."""
+    return [
+        node.args[0].value
+        for node in ast.walk(function)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "get"
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == "body"
+        and node.args
+        and isinstance(node.args[0], ast.Constant)
+    ]
+
+
 def _routes(module: ast.Module, path: str, dev_mode: bool) -> dict[str, dict]:
     routes = {}
     for node in module.body:
@@ -142,6 +162,7 @@ def _routes(module: ast.Module, path: str, dev_mode: bool) -> dict[str, dict]:
                 and isinstance(decorator.args[0], ast.Constant)
             ):
                 body, query = _body_and_query(node)
+                body += [name for name in _raw_body_fields(node) if name not in body]
                 routes[decorator.args[0].value] = {
                     "method": decorator.func.attr.upper(),
                     "devMode": dev_mode,
@@ -179,6 +200,20 @@ def _flags(wheel: zipfile.ZipFile) -> list[str]:
     for name in FRONTEND_ARG_CLASSES:
         flags.update("--" + field.replace("_", "-") for field in _fields(_class(cli_args, name, FLAG_FILES[0])))
     return sorted(flags)
+
+
+def _worker_methods(wheel: zipfile.ZipFile) -> dict[str, list[str]]:
+    """The keyword parameters of the worker methods /collective_rpc calls (``self`` left out)."""
+    path, name = WORKER
+    methods = {
+        node.name: [argument.arg for argument in node.args.args[1:]]
+        for node in _class(_source(wheel, path), name, path).body
+        if isinstance(node, ast.FunctionDef) and node.name in WORKER_METHODS
+    }
+    missing = [method for method in WORKER_METHODS if method not in methods]
+    if missing:
+        raise ContractError(f"{path}: {name} has no methods {missing}")
+    return methods
 
 
 def _initial_weight_version(wheel: zipfile.ZipFile) -> str:
@@ -224,6 +259,7 @@ def contract(wheel_path: Path) -> dict:
         model_config = "vllm/config/model.py"
         weight_transfer_config = "vllm/config/weight_transfer.py"
         packed = "vllm/distributed/weight_transfer/packed_tensor.py"
+        engine = "vllm/v1/engine/__init__.py"
         backends = _fields(_class(_source(wheel, weight_transfer_config), "WeightTransferConfig", weight_transfer_config))
         envs_source = wheel.read("vllm/envs.py").decode()
         missing_env = [name for name in ENVIRONMENT_VARIABLES if f'"{name}"' not in envs_source]
@@ -242,6 +278,8 @@ def contract(wheel_path: Path) -> dict:
             "completionDefaultSamplingParams": default_sampling,
             "serveFlags": _flags(wheel),
             "logprobsModes": _literal_values(_source(wheel, model_config), "LogprobsMode", model_config),
+            "pauseModes": _literal_values(_source(wheel, engine), "PauseMode", engine),
+            "workerMethods": _worker_methods(wheel),
             "weightTransferBackend": backends["backend"],
             "packedDefaults": {
                 "bufferSizeBytes": _constant(_source(wheel, packed), "DEFAULT_PACKED_BUFFER_SIZE_BYTES", packed),

@@ -33,7 +33,7 @@ from grpo_operator.state import (
     watches_evaluations,
 )
 from grpo_trainer.spec import BENCHMARKS, BenchmarkScore, CheckpointRef, EvaluationSpec, GRPORun, GRPORunSpec, GRPORunStatus
-from grpo_trainer.termination import EXIT_INVALID, MAX_BYTES, Outcome, TerminationMessage
+from grpo_trainer.termination import EXIT_INVALID, EXIT_WEIGHT_SYNC, MAX_BYTES, Outcome, TerminationMessage
 from grpo_trainer.validation import FieldError, load_manifest
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "exp2-open-rs.yaml"
@@ -357,6 +357,19 @@ def test_failures_and_their_messages_reach_status_and_events():
     invalid = decide(errors, GRPORunStatus(), ABSENT, generation=1, now=T0)
     assert "spec.grpo.epsilonHigh: must be at least epsilon" in invalid.status.message
     assert invalid.create_pod is None and invalid.events[0].type == "Warning"
+
+
+def test_a_failed_weight_sync_is_retried_with_the_trainers_reason():
+    """Exit 3 with outcome failed: the sidecar did not take the weights; a new pod (a fresh sidecar)
+    resumes from the latest checkpoint, and the status says why."""
+    message = said("failed", reason="WeightSyncFailed",
+                   message="run.yaml: vLLM server at http://127.0.0.1:8000: weights 7 not synced: shm: POST /pause: HTTP 500")
+    failed = pod(1, "Failed", trainer=terminated(EXIT_WEIGHT_SYNC, message=message))
+    observed = observe_pod(failed)
+    assert observed.state is PodState.FAILED_RETRYABLE and observed.reason == "WeightSyncFailed"
+    decision = decide(SPEC, replay(SPEC, RUNNING), observed, generation=1, now=T0 + timedelta(hours=1))
+    assert decision.status.phase != "Failed" and decision.status.restarts == 1
+    assert "exited with code 3 (WeightSyncFailed): run.yaml: vLLM server at http://127.0.0.1:8000" in decision.status.message
 
 
 def test_decide_is_a_pure_function():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from grpo_trainer import vllm_server
+from grpo_trainer import vllm_server, weight_sync
 from grpo_trainer.model import ModelLocation
 from grpo_trainer.termination import EXIT_INVALID
 from grpo_trainer.validation import validate_manifest
@@ -65,13 +65,30 @@ def test_the_routes_called_exist_outside_dev_mode():
     assert (routes[COMPLETIONS_ROUTE]["method"], routes[COMPLETIONS_ROUTE]["devMode"]) == ("POST", False)
 
 
-def test_the_weight_transfer_routes_the_next_increment_needs_are_dev_mode_routes():
+def test_the_weight_sync_calls_only_dev_mode_routes_with_their_fields():
     routes = CONTRACT["routes"]
-    for route in ("/pause", "/resume", "/init_weight_transfer_engine", "/start_weight_update", "/update_weights",
-                  "/finish_weight_update", "/weight_info", "/reset_prefix_cache"):
-        assert routes[route]["devMode"], route
-    assert routes["/finish_weight_update"]["body"] == ["weight_version"]
-    assert routes["/update_weights"]["body"] == ["update_info"]
+    called = {
+        weight_sync.PAUSE_ROUTE: "POST", weight_sync.RESUME_ROUTE: "POST", weight_sync.RESET_PREFIX_CACHE_ROUTE: "POST",
+        weight_sync.WEIGHT_INFO_ROUTE: "GET", weight_sync.INIT_TRANSFER_ROUTE: "POST",
+        weight_sync.START_UPDATE_ROUTE: "POST", weight_sync.UPDATE_WEIGHTS_ROUTE: "POST",
+        weight_sync.FINISH_UPDATE_ROUTE: "POST", weight_sync.COLLECTIVE_RPC_ROUTE: "POST",
+        weight_sync.UPDATE_VERSION_ROUTE: "POST",
+    }
+    for route, method in called.items():
+        assert (routes[route]["method"], routes[route]["devMode"]) == (method, True), route
+    assert "mode" in routes[weight_sync.PAUSE_ROUTE]["query"] and weight_sync.PAUSE_MODE in CONTRACT["pauseModes"]
+    assert routes[weight_sync.FINISH_UPDATE_ROUTE]["body"] == ["weight_version"]
+    assert routes[weight_sync.UPDATE_WEIGHTS_ROUTE]["body"] == ["update_info"]
+    assert routes[weight_sync.UPDATE_VERSION_ROUTE]["body"] == ["new_version"]
+    assert {"method", "kwargs", "timeout"} <= set(routes[weight_sync.COLLECTIVE_RPC_ROUTE]["body"])
+    assert "weights_path" in CONTRACT["workerMethods"][weight_sync.RELOAD_METHOD]
+    assert CONTRACT["initialWeightVersion"] == weight_sync.INITIAL_VERSION
+    assert CONTRACT["packedDefaults"] == {"bufferSizeBytes": weight_sync.PACKED_BUFFER_BYTES,
+                                          "numBuffers": weight_sync.PACKED_BUFFERS}
+    # what PackedBroadcast sends in /init_weight_transfer_engine and /update_weights
+    assert {"master_address", "master_port", "rank_offset", "world_size", "packed", "packed_buffer_size_bytes",
+            "packed_num_buffers"} <= set(CONTRACT["models"]["NCCLWeightTransferInitInfo"])
+    assert {"names", "dtype_names", "shapes"} <= set(CONTRACT["models"]["NCCLWeightTransferUpdateInfo"])
     assert "VLLM_SERVER_DEV_MODE" in CONTRACT["environmentVariables"]
 
 

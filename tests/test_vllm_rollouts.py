@@ -20,9 +20,7 @@ import torch
 from grpo_trainer import vllm_client
 from grpo_trainer.model import load_model, load_tokenizer, resolve_model_source
 from grpo_trainer.spec import RolloutSpec
-from grpo_trainer.storage import LocalStorage
-from grpo_trainer.train import _completion_logps, _padded_batch, train
-from grpo_trainer.validation import validate_manifest
+from grpo_trainer.train import _completion_logps, _padded_batch
 from grpo_trainer.vllm_client import RolloutServerError, ServerSampler, request_seed
 
 REFERENCE_SERVER = Path(__file__).resolve().parent / "reference_vllm_server.py"
@@ -199,28 +197,6 @@ def test_a_wrong_number_of_completions_is_not_taken():
 
 
 # ------------------------------------------------------------------------------------ grpo train
-
-
-def test_grpo_train_samples_from_the_server_and_says_when_its_weights_are_stale(
-    server_url, tiny_model_dir, tmp_path, monkeypatch
-):
-    """Two steps with the server backend. The server never receives the trainer's weights yet
-    (weight sync is the next increment), so step 2's rollouts come from the initial weights: the
-    record must say so rather than pass them off as on-policy."""
-    from test_train import manifest
-
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("GRPO_VLLM_URL", server_url)
-    run = manifest(tiny_model_dir)
-    run["spec"]["rollout"] = {"backend": "server"}
-    outcome = train(validate_manifest(run), tmp_path, LocalStorage(tmp_path), show_progress=False)
-    assert outcome.completed and outcome.step == 2
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["rollout/weight_version"], r["rollout/stale_weights"]) for r in records] == [
-        (1, "default", False), (2, "default", True)
-    ]
-    assert all(1 <= r["completions/max_length"] <= 12 and r["reward_std"] > 0 for r in records)
 
 
 def test_grpo_train_without_its_server_exits_retryable_naming_the_url(tiny_model_dir, tmp_path, monkeypatch, capsys,

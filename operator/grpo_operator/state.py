@@ -189,7 +189,9 @@ def _ended(name: str, terminated: Mapping[str, Any]) -> tuple[PodState, str, str
     if code == EXIT_INVALID or (said and said.outcome is Outcome.INVALID):
         reason = _reason(said.reason if said else None, "InvalidInput")
         return PodState.FAILED_PERMANENT, reason, f"pod {name}: {detail or 'the trainer rejected its input'}", said
-    reason = _reason(terminated.get("reason"), "Error")  # OOMKilled, Error, ContainerStatusUnknown
+    # The trainer's own reason (WeightSyncFailed) where it gave one, else the kubelet's: OOMKilled, Error, ...
+    said_reason = said.reason if said and said.outcome is Outcome.FAILED else None
+    reason = _reason(said_reason or terminated.get("reason"), "Error")
     message = f"pod {name}: the trainer exited with code {code} ({reason})" + (f": {detail}" if detail else "")
     return PodState.FAILED_RETRYABLE, reason, message, said
 

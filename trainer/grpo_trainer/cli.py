@@ -13,7 +13,14 @@ from rich.console import Console
 
 from grpo_trainer.benchmarks import BENCHMARKS as EVAL_BENCHMARKS
 from grpo_trainer.spec import BENCHMARKS
-from grpo_trainer.termination import EXIT_INVALID, EXIT_RETRYABLE, TERMINATION_LOG, Outcome, TerminationMessage
+from grpo_trainer.termination import (
+    EXIT_INVALID,
+    EXIT_RETRYABLE,
+    EXIT_WEIGHT_SYNC,
+    TERMINATION_LOG,
+    Outcome,
+    TerminationMessage,
+)
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)  # never break a path in two
 
@@ -53,6 +60,7 @@ def train(args: argparse.Namespace) -> int:
     from grpo_trainer.storage import StorageError, UnreachableError, open_storage
     from grpo_trainer.train import train as train_run
     from grpo_trainer.vllm_client import RolloutServerError
+    from grpo_trainer.weight_sync import WeightSyncError
 
     run_dir, storage_uri = run_locations(run, args.run_dir)
     created = _first_missing(run_dir.absolute())  # what this run will create, if anything
@@ -62,6 +70,9 @@ def train(args: argparse.Namespace) -> int:
     except (UnreachableError, CheckpointWriteError, RolloutServerError) as error:  # may pass: the operator retries
         console.print(f"[red]✗[/red] {args.manifest}: {error}")
         return EXIT_RETRYABLE
+    except WeightSyncError as error:  # a new pod brings a fresh sidecar; the run resumes from its checkpoint
+        message = TerminationMessage(Outcome.FAILED, reason="WeightSyncFailed", message=f"{args.manifest}: {error}")
+        return _ended(message, EXIT_WEIGHT_SYNC)
     except (DatasetError, ModelError, StorageError) as error:
         if created is not None:  # a run refused before its first step leaves no empty folders behind
             _remove_empty_folders(created)

@@ -24,7 +24,7 @@ SAMPLE_EVERY = 10  # steps between logged sample completions
 
 
 class StepTimer:
-    """Wall-clock seconds per phase of one step: generate, score, train."""
+    """Wall-clock seconds per phase of one step: generate, score, train, and sync (the server's weights)."""
 
     def __init__(self):
         self.start = time.perf_counter()
@@ -57,10 +57,11 @@ def step_record(
     timer: StepTimer,
     weight_version: str | None = None,
     stale_weights: bool = False,
+    weight_sync: dict | None = None,
 ) -> dict:
     """The JSON record of one step, from the whole generation batch (every rank's completions).
     ``weight_version`` labels the weights that sampled it; ``stale_weights`` says they were not the
-    policy's."""
+    policy's; ``weight_sync`` holds what the server's weight sync reported (sync/…, rollout/…)."""
     groups = rewards.view(-1, num_generations)
     seconds = timer.total
     record = {
@@ -80,6 +81,7 @@ def step_record(
         "time/generate": timer.seconds.get("generate", 0.0),
         "time/score": timer.seconds.get("score", 0.0),
         "time/train": timer.seconds.get("train", 0.0),
+        **({"time/sync": timer.seconds["sync"]} if "sync" in timer.seconds else {}),
         "time/step": seconds,
     }
     if "accuracy" in per_function:
@@ -89,6 +91,7 @@ def step_record(
     if weight_version is not None:
         record["rollout/weight_version"] = weight_version
         record["rollout/stale_weights"] = stale_weights
+    record.update(weight_sync or {})
     return record
 
 

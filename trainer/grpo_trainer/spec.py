@@ -347,6 +347,14 @@ class RolloutSpec(APIModel):
     startup_timeout_seconds: int = Field(
         default=900, ge=1, description="Longest wait for the server's /health at the start of training."
     )
+    weight_sync_timeout_seconds: int = Field(
+        default=120,
+        ge=1,
+        description=(
+            "Longest wait for each call of the weight sync after an optimizer step (pause, transfer, reload, "
+            "resume, version check); past it the sync falls back to /dev/shm, then the attempt ends (exit 3)."
+        ),
+    )
 
 
 # ----------------------------------------------------------------------------------- resources

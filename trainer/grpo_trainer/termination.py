@@ -10,7 +10,11 @@ operator reads it beside the exit code:
   benchmark in the shape of the status's BenchmarkScore, for the checkpoint at ``step``;
 - exit EXIT_INVALID, outcome ``invalid``: bad input (``reason`` such as DatasetError, ``message``
   naming the field or file) that no retry fixes;
-- any other exit: a crash, retried from the latest checkpoint.
+- exit EXIT_WEIGHT_SYNC, outcome ``failed``, reason ``WeightSyncFailed``: the policy's weights did
+  not reach the vLLM sidecar by either path; a new pod (a fresh sidecar) resumes from the latest
+  checkpoint;
+- any other exit: a crash, retried from the latest checkpoint (outcome ``failed`` when the trainer
+  could say why).
 
 With ``terminationMessagePolicy: FallbackToLogsOnError`` a container that wrote nothing gets the tail
 of its log there instead, so :meth:`TerminationMessage.parse` takes anything and returns None for
@@ -28,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 EXIT_RETRYABLE = 1  # a failure that may pass on another try: an unreachable store, a failed upload
 EXIT_INVALID = 2  # bad input: a manifest that is not a valid GRPORun, a file that cannot be read
+EXIT_WEIGHT_SYNC = 3  # retryable: the vLLM sidecar did not take the weights (NCCL and /dev/shm both failed)
 
 TERMINATION_LOG = "/dev/termination-log"
 MAX_BYTES = 4096  # what the kubelet keeps of a termination message
@@ -57,13 +62,14 @@ class Outcome(StrEnum):
     PREEMPTED = "preempted"
     INVALID = "invalid"
     EVALUATED = "evaluated"
+    FAILED = "failed"  # retryable, with the reason and message saying why
 
 
 @dataclass(frozen=True)
 class TerminationMessage:
     outcome: Outcome
     step: int | None = None  # the last step trained (completed) or checkpointed (preempted)
-    reason: str | None = None  # CamelCase, for invalid: InvalidSpec, DatasetError, ModelError, ...
+    reason: str | None = None  # CamelCase: InvalidSpec, DatasetError, ... (invalid); WeightSyncFailed (failed)
     message: str = ""
     checkpoint_uri: str | None = None
     scores: tuple[dict, ...] = ()  # evaluated: a few hundred bytes for the five benchmarks, never cut

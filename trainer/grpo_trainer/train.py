@@ -42,6 +42,7 @@ from grpo_trainer.spec import CheckpointSpec, GRPORun, RolloutSpec
 from grpo_trainer.status_report import StatusReporter
 from grpo_trainer.storage import Storage, StorageError
 from grpo_trainer.vllm_client import ServerSampler, server_url
+from grpo_trainer.weight_sync import INITIAL_VERSION, WeightSync, default_transports
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +132,9 @@ def train(
         first_step, history = state.step, state.metrics
         logger.info("resumed from %s at step %d (download %.1f s, load %.1f s)",
                     resumed, first_step, fetch_seconds, time.perf_counter() - load_began)
+    # The server's weights must be the policy's before each rollout: pushed after every step, and
+    # again whenever the server says it serves others (a restarted sidecar, a resumed run).
+    weight_sync = _weight_sync(spec, sampler, engine.module, resumed, first_step, device) if rank == 0 else None
     log = MetricsLog(run_dir / "metrics.jsonl", total_steps=grpo.max_steps, enabled=rank == 0,
                      show_progress=show_progress, history=history, tensorboard_dir=tensorboard_dir)
     # In a pod, progress and checkpoints also go into the GRPORun's status, for kubectl get grporuns.
@@ -166,6 +170,14 @@ def train(
     while step < grpo.max_steps and not preemption.requested():
         timer = StepTimer()
         step_prompts = _prompts_for_step(prompts, step, rank, world_size, prompts_per_rank, grpo.seed)
+        # The label of the policy's weights: vLLM's own for the weights it loaded, else the step. With
+        # a server, the label it serves them under once ensure_current has made sure it has them.
+        current, pushed_again = (INITIAL_VERSION if step == 0 and resumed is None else str(step)), False
+        if isinstance(sampler, ServerSampler):
+            with timer("sync"):
+                pushed_again, current = _on_rank_0(
+                    lambda: (weight_sync.ensure_current(engine.module, str(step)), weight_sync.label)
+                )
         with timer("generate"):
             rollouts = sampler.generate(
                 [prompt.token_ids for prompt in step_prompts],
@@ -177,7 +189,7 @@ def train(
             )
         if preemption.requested():  # the rollouts are cheap to redo; the weights have not changed yet
             break
-        weight_version, stale = _weight_version(rollouts, step, resumed, device)
+        weight_version, stale = _weight_version(rollouts, current, step, device)
         with timer("score"):
             texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
             golds = [prompt.problem.answer for prompt in step_prompts for _ in range(grpo.num_generations)]
@@ -189,6 +201,11 @@ def train(
         with timer("train"):
             loss_metrics = _optimize(engine, reference, rollouts, advantages, grpo, tokenizer.pad_token_id, device)
         step += 1
+        synced = {}
+        # After the last step no rollout follows: the final weights go to the checkpoint only.
+        if isinstance(sampler, ServerSampler) and step < grpo.max_steps:
+            with timer("sync"):
+                synced = _on_rank_0(lambda: weight_sync.push(engine.module, str(step)).record())
         record = log.step(
             step,
             rewards=all_rewards,
@@ -202,6 +219,7 @@ def train(
             timer=timer,
             weight_version=weight_version,
             stale_weights=stale,
+            weight_sync={**synced, "rollout/weights_pushed_again": pushed_again} if weight_sync else None,
             sample=(texts[0], golds[0]),
         )
         if reporter is not None:
@@ -214,6 +232,8 @@ def train(
     log.close()
     if rank == 0:
         shutil.rmtree(staging, ignore_errors=True)
+    if weight_sync is not None:
+        weight_sync.close()
     return TrainResult(step == grpo.max_steps, step, saved_uri, saved_uri and f"{saved_uri}/{MODEL_DIR}")
 
 
@@ -230,11 +250,18 @@ def _optimize(engine, reference, rollouts: Rollouts, advantages, grpo, pad_token
         old_logps = _completion_logps(engine, batch, grpo.temperature)[0] if grpo.num_iterations > 1 else None
         ref_logps = _completion_logps(reference, batch, grpo.temperature)[0] if reference is not None else None
     step_metrics: dict[str, list[float]] = {}
+    largest_difference = torch.zeros((), device=device)
     micro = grpo.per_device_batch_size
-    for _ in range(grpo.num_iterations):
+    for iteration in range(grpo.num_iterations):
         for start in range(0, len(rollouts), micro):
             rows = slice(start, start + micro)
             logps, entropy = _completion_logps(engine, _rows(batch, rows), grpo.temperature)
+            if iteration == 0 and batch.sampler_logps is not None:
+                # The optimizer steps only after the last micro-batch, so these are still the
+                # sampling policy's log-probs: any difference is the sampler's (TRL's metric).
+                difference = (logps.detach() - batch.sampler_logps[rows]).abs()[completion_mask[rows].bool()]
+                step_metrics.setdefault("sampling/sampling_logp_difference/mean", []).append(float(difference.mean()))
+                largest_difference = torch.maximum(largest_difference, difference.max())
             loss, metrics = grpo_loss(
                 logps,
                 completion_mask[rows],
@@ -264,7 +291,12 @@ def _optimize(engine, reference, rollouts: Rollouts, advantages, grpo, pad_token
                 step_metrics.setdefault(name, []).append(float(value))
     # Each rank's mean over its micro-batches, then the mean over ranks (each holds as many rows).
     means = torch.tensor([sum(values) / len(values) for values in step_metrics.values()], device=device)
-    return dict(zip(step_metrics, (_all_reduce_sum(means) / world_size).tolist()))
+    metrics = dict(zip(step_metrics, (_all_reduce_sum(means) / world_size).tolist()))
+    if batch.sampler_logps is not None:
+        if world_size > 1:
+            dist.all_reduce(largest_difference, op=dist.ReduceOp.MAX)
+        metrics["sampling/sampling_logp_difference/max"] = largest_difference.item()
+    return metrics
 
 
 @contextmanager
@@ -286,12 +318,27 @@ def _sampler(rollout: RolloutSpec, policy, eos_ids: list[int], pad_token_id: int
     return sampler
 
 
-def _weight_version(rollouts: Rollouts, step: int, resumed: str | None, device) -> tuple[str, bool]:
+def _weight_sync(spec, sampler: Sampler, policy, resumed: str | None, first_step: int, device) -> WeightSync | None:
+    """Rank 0's weight sync to the server the rollouts come from; None when the policy samples itself."""
+    if not isinstance(sampler, ServerSampler):
+        return None
+    timeout = spec.rollout.weight_sync_timeout_seconds
+    # What vLLM serves with --dtype=spec.model.dtype; "auto" is the checkpoint's, which the policy was loaded in.
+    dtype = next(policy.parameters()).dtype if spec.model.dtype == "auto" else getattr(torch, spec.model.dtype)
+    return WeightSync(
+        sampler.url,
+        dtype=dtype,
+        timeout=timeout,
+        transports=default_transports(timeout, on_gpu=device.type == "cuda"),
+        label=INITIAL_VERSION if first_step == 0 and resumed is None else str(first_step),
+        wait_until_ready=sampler.wait_until_ready,
+    )
+
+
+def _weight_version(rollouts: Rollouts, current: str, step: int, device) -> tuple[str, bool]:
     """The label of the weights that sampled this step's rollouts, and whether they are stale on
-    any rank: not the policy's weights after ``step`` optimizer steps. The policy sampling itself is
-    never stale. A server labels the weights it loaded "default" (vLLM's own label), which are the
-    policy's only at step 0 of a run that did not resume."""
-    current = "default" if step == 0 and resumed is None else str(step)
+    any rank: not ``current``, the label of the policy's weights. The policy sampling itself is
+    never stale."""
     if rollouts.weight_versions is None:
         return current, False
     stale = rollouts.weight_versions != [current]

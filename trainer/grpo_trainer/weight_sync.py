@@ -1,0 +1,420 @@
+"""Weight sync: the policy's weights into the vLLM sidecar after every optimizer step.
+
+Trainer rank 0 drives vLLM 0.34.0's development-mode routes (docs/vllm-sidecar.md; every route,
+body field and worker method used is in tests/fixtures/vllm-0.34.0-contract.json):
+
+    POST /pause?mode=abort → push the weights (a transport, below) → POST /reset_prefix_cache
+    → POST /resume → GET /weight_info, which must name the step
+
+Two transports push the weights, tried in this order:
+
+- :class:`PackedBroadcast`: ``/init_weight_transfer_engine`` once (the server joins a process group
+  as rank 1), then per step ``/start_weight_update`` → ``/update_weights`` (names, dtypes, shapes)
+  while rank 0 broadcasts the tensors packed as vLLM's packed_tensor.py unpacks them →
+  ``/finish_weight_update`` with the step as the label. Over gloo, the CPU stand-in for NCCL.
+- :class:`ShmSafetensors`: the weights as one safetensors file in a folder under /dev/shm (the
+  pod's containers share it), loaded by ``/collective_rpc`` → the workers' ``reload_weights``
+  (``weights_path``), then labelled by ``/update_weight_version``. 0.34.0 has no route that
+  reloads from a folder; this worker method, reached through the generic RPC route, is the
+  closest real mechanism.
+
+Every call has spec.rollout.weightSyncTimeoutSeconds. A transport that fails is dropped for this
+push (its group is torn down) and the next one tried; when both fail, :class:`WeightSyncError`
+ends the attempt with EXIT_WEIGHT_SYNC, and the operator starts the pod again from the latest
+checkpoint. A sidecar that restarted serves its base weights again (label "default"):
+:meth:`WeightSync.ensure_current`, called before each rollout, pushes the current ones again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import weakref
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import torch
+
+from grpo_trainer.engine import _free_port
+from grpo_trainer.vllm_client import _error_text, _reason
+from grpo_trainer.vllm_server import HOST
+
+logger = logging.getLogger(__name__)
+
+PAUSE_ROUTE = "/pause"
+RESUME_ROUTE = "/resume"
+RESET_PREFIX_CACHE_ROUTE = "/reset_prefix_cache"
+WEIGHT_INFO_ROUTE = "/weight_info"
+INIT_TRANSFER_ROUTE = "/init_weight_transfer_engine"
+START_UPDATE_ROUTE = "/start_weight_update"
+UPDATE_WEIGHTS_ROUTE = "/update_weights"
+FINISH_UPDATE_ROUTE = "/finish_weight_update"
+COLLECTIVE_RPC_ROUTE = "/collective_rpc"
+UPDATE_VERSION_ROUTE = "/update_weight_version"
+RELOAD_METHOD = "reload_weights"  # vllm/v1/worker/gpu_worker.py Worker.reload_weights
+# abort: nothing of ours is in flight between steps, and whatever is (a request left over from a
+# failed step) must not hold the pause until the timeout.
+PAUSE_MODE = "abort"
+INITIAL_VERSION = "default"  # what vLLM labels the weights it loaded itself (EngineCore.__init__)
+PACKED_BUFFER_BYTES = 1 << 30  # vLLM's DEFAULT_PACKED_BUFFER_SIZE_BYTES
+PACKED_BUFFERS = 2  # vLLM's DEFAULT_PACKED_NUM_BUFFERS: one packs while the other is on the wire
+
+
+class WeightSyncError(RuntimeError):
+    """The weights of a step did not reach the server by any transport; one line naming the
+    server's URL and, for each transport, the call that failed."""
+
+
+class PhaseFailed(Exception):
+    """One call of a push failed: ``str()`` names the route and the problem."""
+
+
+def layer_order(names: Sequence[str]) -> list[str]:
+    """``names`` in the order vLLM's layerwise reload consumes them (weight_transfer/base.py):
+    what comes before the first numbered layer (embeddings), the layers by index, then the rest
+    (final norm, lm_head). Hugging Face's order already is this for a decoder-only LM; sorting
+    keeps it so for any module whose parameters are registered in another order."""
+    first_layer = next((i for i, name in enumerate(names) if _layer_index(name) is not None), len(names))
+
+    def key(position: int) -> tuple[int, int, int]:
+        index = _layer_index(names[position])
+        if index is not None:
+            return 1, index, position
+        return (0 if position < first_layer else 2), 0, position
+
+    return [names[position] for position in sorted(range(len(names)), key=key)]
+
+
+def _layer_index(name: str) -> int | None:
+    return next((int(part) for part in name.split(".") if part.isdigit()), None)
+
+
+def serving_weights(module: torch.nn.Module, dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
+    """The policy's parameters as the server loads them: Hugging Face names (vLLM's load_weights
+    maps them), in layer order, in the serving dtype. Tied weights appear once, as
+    named_parameters gives them, and vLLM ties them again. ZeRO-2 keeps every parameter whole on
+    every rank, so rank 0 alone has the full model; buffers (rotary frequencies) vLLM computes itself."""
+    parameters = dict(module.named_parameters())
+    return [(name, parameters[name].detach().to(dtype)) for name in layer_order(list(parameters))]
+
+
+def packed_buffers(weights: Sequence[tuple[str, torch.Tensor]], buffer_bytes: int):
+    """The uint8 buffers vLLM's packed consumer expects: the tensors in order, each flattened to
+    its bytes and appended to the current buffer, which is sent once it holds more than
+    ``buffer_bytes`` (so a buffer ends with the tensor that crossed the size)."""
+    pending: list[torch.Tensor] = []
+    size = 0
+    for _, tensor in weights:
+        data = tensor.contiguous().view(-1).view(torch.uint8)
+        pending.append(data)
+        size += data.numel()
+        if size > buffer_bytes:
+            yield torch.cat(pending)
+            pending, size = [], 0
+    if pending:
+        yield torch.cat(pending)
+
+
+class ServerCalls:
+    """JSON calls to the server's sync routes, each with the same timeout; a failure is one
+    :class:`PhaseFailed` naming the route. No retries: the other transport is the retry."""
+
+    def __init__(self, url: str, timeout: float):
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+
+    def post(self, route: str, body: dict | None = None, **query) -> dict:
+        if query:
+            route += "?" + urllib.parse.urlencode(query)
+        data = json.dumps(body).encode() if body is not None else b""
+        return self._call(urllib.request.Request(self.url + route, data=data, method="POST",
+                                                 headers={"Content-Type": "application/json"}), f"POST {route}")
+
+    def get(self, route: str) -> dict:
+        return self._call(urllib.request.Request(self.url + route), f"GET {route}")
+
+    def _call(self, request: urllib.request.Request, what: str) -> dict:
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                text = response.read()
+        except urllib.error.HTTPError as error:
+            raise PhaseFailed(f"{what}: HTTP {error.code}: {_error_text(error)}") from None
+        except TimeoutError:
+            raise PhaseFailed(f"{what}: no answer within {self.timeout:g} s") from None
+        except (urllib.error.URLError, OSError) as error:
+            if isinstance(getattr(error, "reason", None), TimeoutError):
+                raise PhaseFailed(f"{what}: no answer within {self.timeout:g} s") from None
+            raise PhaseFailed(f"{what}: {_reason(error)}") from None
+        try:
+            return json.loads(text or b"{}")
+        except ValueError:
+            raise PhaseFailed(f"{what}: an answer that is not JSON") from None
+
+
+class Transport(Protocol):
+    name: str
+
+    def push(self, calls: ServerCalls, weights: Sequence[tuple[str, torch.Tensor]], version: str) -> int:
+        """Load ``weights`` into the paused server labelled ``version``; returns the bytes moved."""
+
+    def reset(self) -> None:
+        """Forget any connection to the server: a failed or restarted peer needs a fresh one."""
+
+    def close(self) -> None:
+        """Release what the transport holds, at the end of training."""
+
+
+class PackedBroadcast:
+    """The weight-transfer engine's packed broadcast, rank 0 of a two-member process group with the
+    server's worker (rank_offset 1). The group is gloo over a TCPStore rendezvous on loopback, the
+    CPU stand-in for the NCCL group a GPU server joins (see docs/vllm-sidecar.md for why the GPU
+    path does not use this class yet)."""
+
+    name = "broadcast"
+
+    def __init__(self, timeout: float, *, buffer_bytes: int = PACKED_BUFFER_BYTES, num_buffers: int = PACKED_BUFFERS):
+        self.timeout = timeout
+        self.buffer_bytes = buffer_bytes
+        self.num_buffers = num_buffers
+        self.group = None
+        self.store = None  # the rendezvous this rank hosts, which the group uses while it lives
+
+    def push(self, calls, weights, version) -> int:
+        if self.group is None:
+            self._connect(calls)
+        calls.post(START_UPDATE_ROUTE)
+        update_info = {
+            "names": [name for name, _ in weights],
+            "dtype_names": [str(tensor.dtype).removeprefix("torch.") for _, tensor in weights],
+            "shapes": [list(tensor.shape) for _, tensor in weights],
+        }
+        # The server receives inside /update_weights: its answer comes only after the broadcast.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="update-weights") as pool:
+            answered = pool.submit(calls.post, UPDATE_WEIGHTS_ROUTE, {"update_info": update_info})
+            try:
+                sent = self._broadcast(weights)
+            except PhaseFailed:
+                # The server's refusal (an engine that lost its group, say) says more than the timeout.
+                if answered.done() and answered.exception() is not None:
+                    raise answered.exception() from None
+                raise
+            answered.result()
+        calls.post(FINISH_UPDATE_ROUTE, {"weight_version": version})
+        return sent
+
+    def _connect(self, calls: ServerCalls) -> None:
+        """Open the rendezvous, ask the server to join it, and form the group; both sides must be
+        in the rendezvous at once, so the request runs beside the group's construction."""
+        from torch.distributed import ProcessGroupGloo, TCPStore
+
+        port = _free_port()
+        wait = timedelta(seconds=self.timeout)
+        self.store = TCPStore(HOST, port, 2, True, timeout=wait, wait_for_workers=False)
+        init_info = {
+            "master_address": HOST,
+            "master_port": port,
+            "rank_offset": 1,
+            "world_size": 2,
+            "packed": True,
+            "packed_buffer_size_bytes": self.buffer_bytes,
+            "packed_num_buffers": self.num_buffers,
+        }
+        options = ProcessGroupGloo._Options()
+        options._timeout = wait
+        # The loopback device: the pod's hostname need not resolve to an address the sidecar can reach.
+        options._devices = [ProcessGroupGloo.create_device(hostname=HOST)]
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="init-transfer") as pool:
+            joined = pool.submit(calls.post, INIT_TRANSFER_ROUTE, {"init_info": init_info})
+            try:
+                group = ProcessGroupGloo(self.store, 0, 2, options)
+            except RuntimeError as error:
+                joined.cancel()
+                raise PhaseFailed(f"POST {INIT_TRANSFER_ROUTE}: the server did not join the group: "
+                                  f"{_first_line(error)}") from None
+            joined.result()
+        self.group = group
+
+    def _broadcast(self, weights) -> int:
+        """Send the packed buffers from rank 0, at most ``num_buffers`` on the wire at once."""
+        from torch.distributed import BroadcastOptions
+
+        options = BroadcastOptions()
+        options.rootRank = 0
+        in_flight: deque = deque()
+        sent = 0
+        try:
+            for buffer in packed_buffers(weights, self.buffer_bytes):
+                if len(in_flight) == self.num_buffers:
+                    in_flight.popleft().wait()
+                in_flight.append(self.group.broadcast([buffer], options))
+                sent += buffer.numel()
+            while in_flight:
+                in_flight.popleft().wait()
+        except RuntimeError as error:
+            raise PhaseFailed(f"broadcast beside POST {UPDATE_WEIGHTS_ROUTE}: {_first_line(error)}") from None
+        return sent
+
+    def reset(self) -> None:
+        self.group = self.store = None
+
+    close = reset
+
+
+class ShmSafetensors:
+    """The weights as safetensors in a folder under /dev/shm, which the pod's containers share,
+    reloaded by the workers' ``reload_weights(weights_path=...)`` through ``/collective_rpc``.
+    Each step writes a new folder (renamed into place when complete) and removes the last one."""
+
+    name = "shm"
+
+    def __init__(self, root: Path | None = None):
+        base = root or (Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir()))
+        self.root = Path(tempfile.mkdtemp(prefix="grpo-weights-", dir=base))
+        self.current: Path | None = None
+        # Removed however training ends: a crashed trainer must not leave the model in the pod's memory.
+        self._remove = weakref.finalize(self, shutil.rmtree, self.root, True)
+
+    def push(self, calls, weights, version) -> int:
+        from safetensors.torch import save_file
+
+        folder = self.root / f"step-{version}"
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+        try:
+            save_file({name: tensor.contiguous() for name, tensor in weights}, str(partial / "model.safetensors"))
+        except OSError as error:
+            raise PhaseFailed(f"writing {partial}: {error.strerror or error}") from None
+        shutil.rmtree(folder, ignore_errors=True)
+        partial.rename(folder)
+        size = (folder / "model.safetensors").stat().st_size
+        calls.post(COLLECTIVE_RPC_ROUTE, {"method": RELOAD_METHOD, "kwargs": {"weights_path": str(folder)},
+                                          "timeout": calls.timeout})
+        calls.post(UPDATE_VERSION_ROUTE, {"new_version": version})
+        if self.current not in (None, folder):
+            shutil.rmtree(self.current, ignore_errors=True)
+        self.current = folder
+        return size
+
+    def reset(self) -> None:
+        """Nothing to forget: each push is a file and a call."""
+
+    def close(self) -> None:
+        self._remove()
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    """One push, for the step's record."""
+
+    transport: str
+    bytes: int
+    seconds: float
+
+    def record(self) -> dict:
+        return {"sync/transport": self.transport, "sync/bytes": self.bytes, "sync/seconds": self.seconds}
+
+
+class WeightSync:
+    """Rank 0's side of the sync; see the module docstring. ``label`` is what the server should be
+    serving: vLLM's "default" (its own load of spec.model.source) or the step last pushed."""
+
+    def __init__(self, url: str, *, dtype: torch.dtype, timeout: float, transports: Sequence[Transport], label: str,
+                 wait_until_ready: Callable[[], None]):
+        self.calls = ServerCalls(url, timeout)
+        self.dtype = dtype
+        self.transports = list(transports)
+        self.label = label
+        self.wait_until_ready = wait_until_ready
+
+    def push(self, module: torch.nn.Module, version: str) -> SyncReport:
+        """Load ``module``'s weights into the server, labelled ``version``; a WeightSyncError when
+        no transport could."""
+        weights = serving_weights(module, self.dtype)
+        self._forget_groups_if_restarted()
+        failures = []
+        for transport in self.transports:
+            began = time.perf_counter()
+            try:
+                self.calls.post(PAUSE_ROUTE, mode=PAUSE_MODE)
+                moved = transport.push(self.calls, weights, version)
+                # KV blocks cached from the old weights would otherwise be reused by the new ones.
+                if not self.calls.post(RESET_PREFIX_CACHE_ROUTE).get("success"):
+                    raise PhaseFailed(f"POST {RESET_PREFIX_CACHE_ROUTE}: success false (KV blocks still held)")
+                self.calls.post(RESUME_ROUTE)
+                served = self._served_version()
+                if served != version:
+                    raise PhaseFailed(f"GET {WEIGHT_INFO_ROUTE}: the server reports weights {served!r}, not {version!r}")
+            except PhaseFailed as error:
+                transport.reset()
+                failures.append(f"{transport.name}: {error}")
+                logger.warning("vLLM server at %s: weight sync of %s by %s failed: %s", self.calls.url, version,
+                               transport.name, error)
+                continue
+            self.label = version
+            report = SyncReport(transport.name, moved, time.perf_counter() - began)
+            logger.info("vLLM server at %s: weights %s synced by %s, %.1f MB in %.2f s", self.calls.url, version,
+                        transport.name, moved / 1e6, report.seconds)
+            return report
+        raise WeightSyncError(f"vLLM server at {self.calls.url}: weights {version} not synced: " + "; ".join(failures))
+
+    def ensure_current(self, module: torch.nn.Module, version: str) -> bool:
+        """Before a rollout: make the server serve ``self.label``. A server that says otherwise
+        restarted (it came back with its base weights) or lost an update: the policy's weights
+        are pushed again, labelled ``version``. Returns whether they were."""
+        try:
+            served = self._served_version()
+        except PhaseFailed as error:  # restarting: wait for it as at the start of training
+            logger.warning("vLLM server at %s: %s; waiting for it", self.calls.url, error)
+            self.wait_until_ready()
+            try:
+                served = self._served_version()
+            except PhaseFailed as again:
+                raise WeightSyncError(f"vLLM server at {self.calls.url}: {again}") from None
+        if served == self.label:
+            return False
+        logger.warning("vLLM server at %s serves weights %r, not %r (restarted?): pushing weights %s again",
+                       self.calls.url, served, self.label, version)
+        self.push(module, version)
+        return True
+
+    def _forget_groups_if_restarted(self) -> None:
+        """A server that restarted since the last push (mid-rollout, say) left the groups it had
+        joined: a broadcast into one would wait out the timeout. Its label says so."""
+        try:
+            restarted = self._served_version() != self.label
+        except PhaseFailed:
+            restarted = True
+        if restarted:
+            for transport in self.transports:
+                transport.reset()
+
+    def _served_version(self) -> str:
+        return str(self.calls.get(WEIGHT_INFO_ROUTE).get("weight_version"))
+
+    def close(self) -> None:
+        for transport in self.transports:
+            transport.close()
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+
+
+def default_transports(timeout: float, *, on_gpu: bool) -> list[Transport]:
+    """The packed broadcast, then the /dev/shm fallback; on GPUs the fallback alone, until the
+    trainer has an NCCL sender that joins vLLM 0.34.0's group (docs/vllm-sidecar.md)."""
+    if on_gpu:
+        logger.info("weight sync through /dev/shm only: no NCCL sender for vLLM's group yet (docs/vllm-sidecar.md)")
+        return [ShmSafetensors()]
+    return [PackedBroadcast(timeout), ShmSafetensors()]
