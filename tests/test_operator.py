@@ -704,7 +704,7 @@ async def test_every_checkpoint_is_evaluated_while_training_goes_on_and_no_score
     writes = [r for r in kube if r.headers.get("User-Agent") == USER_AGENT and r.resource == GRPORUNS and r.subresource == "status"]
     assert writes and all(set(r.data["status"]) <= {"phase", "conditions", "observedGeneration", "attempt", "restarts",
                                                     "startTime", "completionTime", "message", "evaluations", "scores",
-                                                    "bestCheckpoint"} for r in writes)
+                                                    "bestCheckpoint", "validatedSpec"} for r in writes)
 
 
 @pytest.mark.asyncio

@@ -46,7 +46,7 @@ RESYNC = timedelta(minutes=5)
 
 OPERATOR_STATUS_FIELDS = frozenset({
     "phase", "conditions", "observed_generation", "attempt", "restarts", "start_time", "completion_time", "message",
-    "evaluations", "scores", "best_checkpoint",
+    "evaluations", "scores", "best_checkpoint", "validated_spec",
 })
 """The status fields the operator writes. The trainer writes the others (progress, latestCheckpoint);
 patching only these leaves its reports alone, whatever their age in the operator's read. The
