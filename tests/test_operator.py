@@ -15,6 +15,7 @@ import os
 import random
 import signal
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -704,7 +705,7 @@ async def test_every_checkpoint_is_evaluated_while_training_goes_on_and_no_score
     writes = [r for r in kube if r.headers.get("User-Agent") == USER_AGENT and r.resource == GRPORUNS and r.subresource == "status"]
     assert writes and all(set(r.data["status"]) <= {"phase", "conditions", "observedGeneration", "attempt", "restarts",
                                                     "startTime", "completionTime", "message", "evaluations", "scores",
-                                                    "bestCheckpoint"} for r in writes)
+                                                    "bestCheckpoint", "validatedSpec"} for r in writes)
 
 
 @pytest.mark.asyncio
@@ -759,3 +760,25 @@ async def test_grpo_operator_runs_the_operator_with_the_kubeconfig(kube: KubeEmu
             process.send_signal(signal.SIGINT)
         _, stderr = await process.communicate()
     assert pod_of(kube, 1), stderr.decode()[-3000:]
+
+
+@pytest.mark.asyncio
+async def test_urgent_passes_go_before_every_waiting_routine_pass():
+    """A new run's first pass waits for a free worker, not for the catch-up passes queued before it."""
+    from grpo_operator.handlers import Passes
+
+    passes, started, busy = Passes(1), [], threading.Event()
+
+    async def submit(name: str, urgent: bool) -> None:
+        await passes.run(urgent, started.append, name)
+
+    first = asyncio.create_task(passes.run(False, busy.wait))  # the one worker, busy till the rest wait
+    await asyncio.sleep(0)
+    waiting = [asyncio.create_task(submit(name, urgent)) for name, urgent in
+               (("resident-1", False), ("resident-2", False), ("new", True), ("resident-3", False))]
+    cancelled = asyncio.create_task(submit("cancelled", True))
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    busy.set()
+    await asyncio.gather(first, *waiting)
+    assert started == ["new", "resident-1", "resident-2", "resident-3"]

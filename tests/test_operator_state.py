@@ -34,7 +34,8 @@ from grpo_operator.state import (
 )
 from grpo_trainer.spec import BENCHMARKS, BenchmarkScore, CheckpointRef, EvaluationSpec, GRPORun, GRPORunSpec, GRPORunStatus
 from grpo_trainer.termination import EXIT_INVALID, EXIT_WEIGHT_SYNC, MAX_BYTES, Outcome, TerminationMessage
-from grpo_trainer.validation import FieldError, load_manifest
+from grpo_trainer import validation
+from grpo_trainer.validation import FieldError, cel_digest, load_manifest
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "exp2-open-rs.yaml"
 RUN = load_manifest(EXAMPLE)
@@ -687,6 +688,75 @@ def test_validate_body_takes_kopf_bodies_and_names_every_bad_field():
     assert [str(error) for error in errors] == ["spec.grpo.epsilonHigh: must be at least epsilon"]
     decision = decide(errors, GRPORunStatus(), ABSENT, generation=4, now=T0)
     assert decision.status.phase == "Failed" and "spec.grpo.epsilonHigh" in decision.status.message
+
+
+@pytest.fixture
+def cel_evaluations(monkeypatch) -> list[str]:
+    """One "spec" for each spec whose CEL rules are evaluated from now on, with this process's
+    memory of specs that passed them emptied."""
+    monkeypatch.setattr(validation, "_PASSED_CEL", type(validation._PASSED_CEL)())
+    evaluated, evaluate = [], validation.cel_errors
+
+    def counted(model, path):
+        if path == "spec":  # not the models inside it, which it evaluates through this name too
+            evaluated.append(path)
+        return evaluate(model, path)
+
+    monkeypatch.setattr(validation, "cel_errors", counted)
+    return evaluated
+
+
+def _validated(body: dict, spec: GRPORunSpec) -> dict:
+    """``body`` with a status that says ``spec`` passed the CEL rules, as the operator writes it."""
+    return {**body, "status": {**body["status"], "validatedSpec": cel_digest(spec)}}
+
+
+def test_a_spec_whose_digest_the_status_holds_skips_only_the_cel_rules(cel_evaluations):
+    run = validate_body(_read_only(_validated(_api_body(), SPEC)))
+    assert isinstance(run, GRPORun) and run.spec == SPEC and cel_evaluations == []
+    errors = validate_body(_validated(_api_body(numGenerationz=4), SPEC))  # the schema is checked all the same
+    assert [error.path for error in errors] == ["spec.grpo.numGenerationz"]
+
+
+def test_a_changed_spec_is_evaluated_again_whatever_digest_the_status_holds(cel_evaluations):
+    # The status still has the digest of the previous generation's spec, or a forged one: either
+    # is another spec's, and the spec that breaks a rule is refused with its field named.
+    errors = validate_body(_validated(_api_body(epsilonHigh=0.1, preset="custom"), SPEC))
+    assert [str(error) for error in errors] == ["spec.grpo.epsilonHigh: must be at least epsilon"]
+    assert cel_evaluations == ["spec"]
+
+
+def test_a_digest_taken_under_other_cel_rules_is_not_trusted(cel_evaluations, monkeypatch):
+    """A spec that passed an earlier operator's rules (or was admitted by an older CRD's) is
+    evaluated against the current ones."""
+    bad = validate_body(_api_body(epsilonHigh=0.1, preset="custom"))
+    assert bad and cel_evaluations == ["spec"]
+    spec = GRPORunSpec.model_validate(_api_body(epsilonHigh=0.1, preset="custom")["spec"])
+    with monkeypatch.context() as earlier:
+        earlier.setattr(validation, "_rules_text", lambda: "the rules of an earlier operator, without epsilonHigh's")
+        digest_then = cel_digest(spec)
+    body = _api_body(epsilonHigh=0.1, preset="custom")
+    body["status"]["validatedSpec"] = digest_then
+    assert [str(error) for error in validate_body(body)] == ["spec.grpo.epsilonHigh: must be at least epsilon"]
+    assert cel_evaluations == ["spec", "spec"]
+
+
+def test_this_process_remembers_passing_specs_by_digest_and_no_other(cel_evaluations):
+    assert isinstance(validate_body(_api_body()), GRPORun)
+    assert isinstance(validate_body(_api_body()), GRPORun)  # the same spec: remembered
+    assert cel_evaluations == ["spec"]
+    assert validate_body(_api_body(epsilonHigh=0.1, preset="custom"))  # another spec: evaluated, refused
+    assert validate_body(_api_body(epsilonHigh=0.1, preset="custom"))  # a refusal is not remembered
+    assert cel_evaluations == ["spec"] * 3
+    assert cel_digest(SPEC) != cel_digest(SPEC.model_copy(update={"suspend": not SPEC.suspend}))
+
+
+def test_decide_records_the_digest_of_a_valid_spec_and_drops_it_for_an_invalid_one():
+    valid = decide(SPEC, GRPORunStatus(), ABSENT, generation=4, now=T0)
+    assert valid.status.validated_spec == cel_digest(SPEC)
+    errors = [FieldError("spec.grpo.epsilonHigh", "must be at least epsilon")]
+    invalid = decide(errors, valid.status, ABSENT, generation=5, now=T0)
+    assert invalid.status.validated_spec is None and invalid.status.phase == "Failed"
 
 
 # ------------------------------------------------------------------- the property: random worlds

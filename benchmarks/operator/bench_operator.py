@@ -13,7 +13,15 @@ call made from the first apply until the runs are settled (pod, status and event
 second has passed with no call, divided by the number of runs. Memory is the operator process's
 RSS (Linux /proc): after start-up, and its peak.
 
+With --restart N, instead: N runs are resident in the cluster as an earlier operator left them
+(each with its finalizer, ConfigMap, RBAC and pod, the status it last wrote), each with a spec of
+its own; while that operator was down, a quarter of the pods started running and a quarter
+finished. A new operator starts: catch-up is the time from its start until it has read every run's
+pods and every status says what its pod does now, with no pod created or deleted; meanwhile a new
+run is applied every 0.5 s, and its latency is apply → pod, as above.
+
     .venv/bin/python benchmarks/operator/bench_operator.py [--runs 1 50 200] [--singles 20]
+    .venv/bin/python benchmarks/operator/bench_operator.py --restart 1000
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,19 +48,34 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))  # the emulator is a test fixture module
 
-from kube_emulator import EVENTS, GRPORUNS, PODS, KubeEmulator, api_call, emulated_cluster  # noqa: E402
+from kube_emulator import (  # noqa: E402
+    CONFIGMAPS, EVENTS, GRPORUNS, PODS, ROLEBINDINGS, ROLES, SERVICEACCOUNTS, ApiCall, KubeEmulator, api_call,
+    emulated_cluster, terminated,
+)
 
+from grpo_operator import manifests  # noqa: E402
 from grpo_operator.cluster import USER_AGENT  # noqa: E402
-from grpo_operator.manifests import pod_name  # noqa: E402
+from grpo_operator.handlers import status_patch  # noqa: E402
+from grpo_operator.manifests import pod_name, run_labels  # noqa: E402
+from grpo_operator.state import ABSENT, decide, observe_pod  # noqa: E402
+from grpo_trainer.spec import GRPORun, GRPORunStatus  # noqa: E402
+from grpo_trainer.termination import Outcome, TerminationMessage  # noqa: E402
 
 NAMESPACE = "default"
 EXAMPLE = yaml.safe_load((REPO / "examples" / "cpu-smollm2.yaml").read_text())
 POLL_SECONDS = 0.005
 QUIET_SECONDS = 1.0
+OPERATOR = [sys.executable, "-m", "grpo_trainer.cli", "operator", "--namespace", NAMESPACE]
+NEW_RUN_SECONDS = 0.5
+"""How often the restart scenario applies a new run while the operator catches up."""
+MIN_NEW_RUNS = 10
 
 
-def manifest(name: str) -> dict[str, Any]:
-    return {**EXAMPLE, "metadata": {"name": name}}
+def manifest(name: str, variant: int = 0) -> dict[str, Any]:
+    """The example as run ``name``; each ``variant`` a spec of its own (its dataset.maxSamples),
+    so that nothing the operator might cache by spec is shared between runs."""
+    spec = {**EXAMPLE["spec"], "dataset": {**EXAMPLE["spec"]["dataset"], "maxSamples": 1000 + variant}}
+    return {**EXAMPLE, "metadata": {"name": name}, "spec": spec}
 
 
 @dataclass
@@ -137,8 +161,7 @@ async def measure(runs: int, singles: int) -> Result:
         with tempfile.TemporaryDirectory() as directory:
             environment = {**os.environ, "KUBECONFIG": str(kubeconfig(kube, Path(directory)))}
             operator = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "grpo_trainer.cli", "operator", "--namespace", NAMESPACE,
-                env=environment, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                *OPERATOR, env=environment, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
             )
             try:
                 return await apply_runs(kube, operator.pid, runs, singles)
@@ -189,19 +212,169 @@ async def apply_runs(kube: KubeEmulator, pid: int, runs: int, singles: int) -> R
     )
 
 
+# ------------------------------------------------------------------------------ restart
+
+
+LIST_PODS = ApiCall("list", "pods")
+RESIDENT_STATES = ("Pending", "Running", "Running", "Succeeded")
+"""The pod of resident run i is in state i % 4 when the operator starts..."""
+STATUS_STATES = ("Pending", "Running", "Pending", "Running")
+"""...and its status says what the earlier operator saw: run 2 of 4 started, run 3 of 4 finished since."""
+
+
+def reside(kube: KubeEmulator, index: int) -> tuple[str, str, str]:
+    """Store run ``index`` as an earlier operator left it (see RESIDENT_STATES); returns its name,
+    its pod's uid and the phase its status must come to."""
+    name = f"resident-{index}"
+    body = kube.create_object(GRPORUNS, manifest(name, variant=index), NAMESPACE)
+    body = kube.patch_object(GRPORUNS, NAMESPACE, name, {"metadata": {"finalizers": ["grpo.dev/finalizer"]}})
+    run = GRPORun.model_validate(body)  # the schema only: every variant passes the CEL rules as the example does
+    for build in (manifests.config_map, manifests.service_account, manifests.role, manifests.role_binding):
+        kube.create_object(BUILT[build], build(run), NAMESPACE)
+    pod = kube.create_object(PODS, manifests.pod(run, attempt=1), NAMESPACE)
+    status = GRPORunStatus()
+    for state in ("Pending", STATUS_STATES[index % 4]):  # the passes the earlier operator made
+        if state != "Pending":
+            pod = kube.set_pod_status(NAMESPACE, pod["metadata"]["name"], state)
+        observed = observe_pod(pod) if status.attempt else ABSENT
+        decision = decide(run.spec, status, observed, generation=body["metadata"]["generation"], now=datetime.now(UTC))
+        status = decision.status
+    body = kube.patch_object(GRPORUNS, NAMESPACE, name, {"status": status_patch({}, status)}, "status")
+    if RESIDENT_STATES[index % 4] == "Succeeded":  # the trainer says how it ended in its termination message
+        said = TerminationMessage(Outcome.COMPLETED, step=EXAMPLE["spec"]["grpo"]["maxSteps"]).to_json()
+        pod = kube.set_pod_status(NAMESPACE, pod["metadata"]["name"], "Succeeded", containers={"trainer": terminated(0, message=said)})
+    elif RESIDENT_STATES[index % 4] != STATUS_STATES[index % 4]:
+        pod = kube.set_pod_status(NAMESPACE, pod["metadata"]["name"], RESIDENT_STATES[index % 4])
+    return name, pod["metadata"]["uid"], RESIDENT_STATES[index % 4]
+
+
+BUILT = {
+    manifests.config_map: CONFIGMAPS,
+    manifests.service_account: SERVICEACCOUNTS,
+    manifests.role: ROLES,
+    manifests.role_binding: ROLEBINDINGS,
+}
+
+
+@dataclass
+class RestartResult:
+    resident: int
+    start_seconds: float
+    catch_up_seconds: float
+    latencies: list[float]
+    cpu_seconds: float
+    operator_calls: collections.Counter[str]
+
+    def row(self) -> str:
+        ms = sorted(1000 * seconds for seconds in self.latencies)
+        p50, p95 = statistics.median(ms), ms[min(len(ms) - 1, round(0.95 * (len(ms) - 1)))]
+        calls = sum(self.operator_calls.values()) / self.resident
+        top = ", ".join(f"{call} {count / self.resident:.2f}" for call, count in self.operator_calls.most_common(4))
+        return (
+            f"| {self.resident} | {self.start_seconds:.1f} | {self.catch_up_seconds:.1f} | {len(ms)} | {p50:.0f} "
+            f"| {p95:.0f} | {max(ms):.0f} | {self.cpu_seconds:.1f} | {calls:.2f}: {top} |"
+        )
+
+
+async def measure_restart(resident: int) -> RestartResult:
+    async with emulated_cluster() as kube:
+        runs = [reside(kube, index) for index in range(resident)]
+        with tempfile.TemporaryDirectory() as directory:
+            environment = {**os.environ, "KUBECONFIG": str(kubeconfig(kube, Path(directory)))}
+            first_call = len(list(kube))
+            started = time.monotonic()
+            operator = await asyncio.create_subprocess_exec(
+                *OPERATOR, env=environment, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+            )
+            try:
+                return await catch_up(kube, operator.pid, runs, started, first_call)
+            finally:
+                operator.send_signal(signal.SIGINT)
+                await operator.wait()
+
+
+async def catch_up(
+    kube: KubeEmulator, pid: int, runs: list[tuple[str, str, str]], started: float, first_call: int
+) -> RestartResult:
+    """Apply a new run every NEW_RUN_SECONDS from kopf's first call until the operator has caught up
+    with every resident run (and at least MIN_NEW_RUNS were applied); time both."""
+    await until(lambda: len(list(kube)) > first_call, timeout=60)
+    start_seconds = time.monotonic() - started
+    cpu_before = process_status(pid)["cpu_ticks"]
+    selectors = {",".join(f"{key}={value}" for key, value in run_labels(name).items()): name for name, _, _ in runs}
+    listed: set[str] = set()  # the resident runs whose pods the operator has read
+    seen = first_call
+    pending = {name: phase for name, _, phase in runs}  # the resident runs not caught up yet
+    caught_up_at = None
+    waiting: dict[str, float] = {}  # new run → when it was applied
+    latencies: list[float] = []
+    next_apply = time.monotonic()
+    while caught_up_at is None or waiting or len(latencies) < MIN_NEW_RUNS:
+        now = time.monotonic()
+        if now >= next_apply and (caught_up_at is None or len(latencies) + len(waiting) < MIN_NEW_RUNS):
+            name = f"new-{len(latencies) + len(waiting)}"
+            kube.create_object(GRPORUNS, manifest(name, variant=len(runs) + len(latencies) + len(waiting)), NAMESPACE)
+            waiting[name] = time.monotonic()
+            next_apply += NEW_RUN_SECONDS
+        for name in [name for name in waiting if (PODS, NAMESPACE, pod_name(name, 1)) in kube.objects]:
+            latencies.append(time.monotonic() - waiting.pop(name))
+        if caught_up_at is None:
+            requests = list(kube)[seen:]
+            seen += len(requests)
+            for request in requests:
+                call = api_call(request)
+                if call == LIST_PODS and request.headers.get("User-Agent") == USER_AGENT:
+                    listed.add(selectors.get(request.params.get("labelSelector", ""), ""))
+            for name in [name for name in pending if name in listed]:
+                status = kube.objects[GRPORUNS, NAMESPACE, name].raw.get("status") or {}
+                if status.get("phase") == pending[name]:
+                    del pending[name]
+            if not pending:
+                caught_up_at = time.monotonic()
+        await asyncio.sleep(POLL_SECONDS)
+    cpu = (process_status(pid)["cpu_ticks"] - cpu_before) / os.sysconf("SC_CLK_TCK")
+    pods = [obj for (kind, _, _), obj in kube.objects.items() if kind == PODS and not obj.deleted]
+    owned = collections.Counter(pod["metadata"]["labels"][manifests.RUN_LABEL] for pod in pods)
+    for name, uid, _ in runs:  # the same pod, and no other
+        pod = kube.read_object(PODS, NAMESPACE, pod_name(name, 1))
+        assert pod is not None and pod["metadata"]["uid"] == uid and owned[name] == 1, f"the pods of {name} changed"
+    requests = list(kube)[first_call:]
+    calls = collections.Counter(
+        f"{call.verb} {call.resource}" for request in requests
+        if (call := api_call(request)) and request.headers.get("User-Agent") == USER_AGENT
+    )
+    return RestartResult(
+        resident=len(runs),
+        start_seconds=start_seconds,
+        catch_up_seconds=caught_up_at - started,
+        latencies=latencies,
+        cpu_seconds=cpu,
+        operator_calls=calls,
+    )
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, nargs="+", default=[1, 50, 200])
     parser.add_argument("--singles", type=int, default=20, help="how many runs the 1-run case applies, one at a time")
+    parser.add_argument("--restart", type=int, metavar="N", help="instead: restart the operator with N runs resident")
     args = parser.parse_args()
 
     load = os.getloadavg()
-    results = [await measure(runs, args.singles) for runs in args.runs]
+    if args.restart:
+        restarted = await measure_restart(args.restart)
+    else:
+        results = [await measure(runs, args.singles) for runs in args.runs]
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
     print(f"machine: {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}, "
           f"kopf {importlib.metadata.version('kopf')}; "
           f"load average {load[0]:.1f} before, {os.getloadavg()[0]:.1f} after")
     print()
+    if args.restart:
+        print("| resident runs | operator start-up s | catch-up s | new runs | new run p50 ms | p95 ms | max ms | operator CPU s | operator calls / resident run |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        print(restarted.row())
+        return
     print("| runs at once | applied | p50 ms | p95 ms | max ms | API calls / run | of them the reconcile's | most calls / run | operator RSS MiB idle → peak | operator CPU ms / run |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for result in results:

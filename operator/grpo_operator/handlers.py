@@ -19,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from operator import attrgetter
@@ -46,7 +47,7 @@ RESYNC = timedelta(minutes=5)
 
 OPERATOR_STATUS_FIELDS = frozenset({
     "phase", "conditions", "observed_generation", "attempt", "restarts", "start_time", "completion_time", "message",
-    "evaluations", "scores", "best_checkpoint",
+    "evaluations", "scores", "best_checkpoint", "validated_spec",
 })
 """The status fields the operator writes. The trainer writes the others (progress, latestCheckpoint);
 patching only these leaves its reports alone, whatever their age in the operator's read. The
@@ -54,6 +55,49 @@ operator is the one writer of the scores: evaluation Jobs only leave them in the
 termination messages."""
 
 API_ERRORS = (ApiException, urllib3.exceptions.HTTPError)
+
+PASS_WORKERS = min(32, (os.cpu_count() or 1) + 4)
+"""How many passes run at once: as many as asyncio's default executor has threads, so a pass that
+has its turn never waits for a thread."""
+
+
+class Passes:
+    """Runs the reconcile passes of every run's loop in worker threads, at most ``workers`` at once,
+    urgent ones first: a pass for a generation of a run that the operator has not reconciled yet
+    (a new run, a changed spec) goes before every waiting routine pass (a run the operator only
+    checks again: after its restart, a thousand at once; on a resync; on its pod's progress). Each
+    lane is first come, first served."""
+
+    def __init__(self, workers: int):
+        self._free = workers
+        self._urgent: deque[asyncio.Future[None]] = deque()
+        self._routine: deque[asyncio.Future[None]] = deque()
+
+    async def run(self, urgent: bool, function: Callable[..., Any], *args: Any) -> Any:
+        if self._free and not (self._urgent or self._routine):
+            self._free -= 1
+        else:
+            turn = asyncio.get_running_loop().create_future()
+            (self._urgent if urgent else self._routine).append(turn)
+            try:
+                await turn
+            except asyncio.CancelledError:
+                if turn.done() and not turn.cancelled():  # given the turn as it was cancelled: pass it on
+                    self._release()
+                raise
+        try:
+            return await asyncio.to_thread(function, *args)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        for lane in (self._urgent, self._routine):
+            while lane:
+                turn = lane.popleft()
+                if not turn.done():  # a cancelled waiter's turn is done already
+                    turn.set_result(None)
+                    return
+        self._free += 1
 
 
 def configure(settings: kopf.OperatorSettings) -> None:
@@ -80,6 +124,7 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     memo.checkpoints = {}  # (namespace, run name) → the step of the latest checkpoint a wake-up was for
     memo.retry_delays = list(settings.networking.error_backoffs) or [1.0]
     memo.default_images = manifests.default_images(os.environ)
+    memo.passes = Passes(PASS_WORKERS)
     if "cluster" not in memo:  # tests and benchmarks bring one connected to their API server
         memo.cluster = Cluster.connect()
 
@@ -93,9 +138,16 @@ def cleanup(memo: kopf.Memo, **_: Any) -> None:
 # cancelled (the pass's thread finishes on its own). A deleted run keeps kopf's finalizer till then.
 @kopf.daemon(*RUNS, id="reconcile", cancellation_backoff=1.0, cancellation_timeout=5.0)
 async def reconcile_loop(
-    namespace: str, name: str, memo: kopf.Memo, stopped: kopf.DaemonStopped, logger: logging.Logger, **_: Any
+    namespace: str,
+    name: str,
+    body: kopf.Body,
+    memo: kopf.Memo,
+    stopped: kopf.DaemonStopped,
+    logger: logging.Logger,
+    **_: Any,
 ) -> None:
-    """A run's reconcile loop, from its creation (or the operator's start) until kopf stops it."""
+    """A run's reconcile loop, from its creation (or the operator's start) until kopf stops it.
+    ``body`` is the run as last watched: kopf updates a daemon's in place."""
     key = (namespace, name)
     wakeup = memo.wakeups[key] = asyncio.Event()
     validation = Validation()
@@ -105,8 +157,9 @@ async def reconcile_loop(
             wakeup.clear()  # before reading: a change from now on wakes the next pass
             metrics.RECONCILE_PASSES.inc()
             try:
-                requeue_at = await asyncio.to_thread(
-                    reconcile, memo.cluster, namespace, name, validation, memo.default_images
+                requeue_at = await memo.passes.run(
+                    _new_generation(body.metadata, body.status),
+                    reconcile, memo.cluster, namespace, name, validation, memo.default_images,
                 )
             except API_ERRORS as error:  # retried as kopf retries its own API calls
                 metrics.RECONCILE_ERRORS.inc()

@@ -63,7 +63,7 @@ from grpo_trainer.spec import (
     Scores,
 )
 from grpo_trainer.termination import EXIT_INVALID, Outcome, TerminationMessage
-from grpo_trainer.validation import FieldError, ManifestError, validate_manifest
+from grpo_trainer.validation import FieldError, ManifestError, cel_digest, validate_manifest
 
 FINISHED: tuple[Phase, ...] = ("Succeeded", "Failed")
 """Phases in which nothing starts any more: no pod, no evaluation Job."""
@@ -345,10 +345,14 @@ def watches_evaluations(spec: GRPORunSpec | Sequence[FieldError], status: GRPORu
 
 def validate_body(body: Mapping[str, Any]) -> GRPORun | list[FieldError]:
     """The run in a GRPORun object from the API server, or every problem of its spec (each naming
-    its field). The status is ours, not the user's: it is left out, to be read on its own."""
+    its field). The status is ours, not the user's: it is left out, but for status.validatedSpec,
+    the digest of the spec the operator last found valid: if the spec still has it (the same spec,
+    the same CEL rules), the CEL rules are not evaluated again. The API server evaluated them too
+    when it took the spec, but perhaps with an older CRD's rules, so that alone proves nothing."""
     manifest = {key: _plain(value) for key, value in body.items() if key != "status"}
+    validated = (body.get("status") or {}).get("validatedSpec")
     try:
-        return validate_manifest(manifest, source="GRPORun")
+        return validate_manifest(manifest, source="GRPORun", passed_cel=validated if isinstance(validated, str) else None)
     except ManifestError as error:
         return error.errors
 
@@ -413,6 +417,7 @@ class _Draft:
     scores: Scores | None = None
     best_checkpoint: CheckpointRef | None = None
     create_jobs: list[CheckpointRef] = field(default_factory=list)
+    validated_spec: str | None = None
     notes: list[Event] = field(default_factory=list)
     """Events beside the headline: evaluated checkpoints, failed evaluations."""
 
@@ -492,6 +497,7 @@ class _Draft:
                 "evaluations": self.evaluations,
                 "scores": self.scores,
                 "best_checkpoint": self.best_checkpoint,
+                "validated_spec": self.validated_spec,
             }
         )
         transition = self.phase != self.old.phase or self.restarts != self.old.restarts
@@ -521,6 +527,7 @@ def decide(
     API server rather than a stale cache: a pod missing from the list counts as deleted. ``now`` is
     timezone-aware, like the status's timestamps."""
     draft = _Draft.of(status, generation=generation, now=now)
+    draft.validated_spec = cel_digest(spec) if isinstance(spec, GRPORunSpec) else None
     if isinstance(spec, GRPORunSpec) and spec.evaluation.enabled:
         _fold(spec, draft, evaluations)
     if status.phase in FINISHED:

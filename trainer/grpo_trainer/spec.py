@@ -638,6 +638,12 @@ class GRPORunStatus(APIModel):
     start_time: Timestamp | None = None
     completion_time: Timestamp | None = None
     message: str | None = None
+    validated_spec: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="The digest of the spec and of the CEL rules the operator last found it valid against"
+        " (grpo_trainer.validation.cel_digest): a restarted operator does not evaluate those rules again for it.",
+    )
 
 
 class ObjectMeta(BaseModel):
