@@ -54,6 +54,18 @@ def test_the_gpu_images_hold_the_vllm_the_package_pins():
     assert f" {pin} " in (REPO / "images" / "gpu.Dockerfile").read_text()
 
 
+def test_the_vllm_image_never_installs_the_trainers_extra_whose_transformers_vllm_refuses():
+    """vLLM 0.34.0 pins transformers<5.23 and the trainer needs >=5.25: two environments, and the
+    vllm one takes only [eval], which leaves torch and transformers to vLLM."""
+    stages = dict(re.findall(r"^FROM \S+ AS (\S+)\n(.*?)(?=^FROM |\Z)", (REPO / "images" / "gpu.Dockerfile").read_text(),
+                             re.MULTILINE | re.DOTALL))
+    assert '"/src[eval]"' in stages["build-vllm"] and "[trainer]" not in stages["build-vllm"]
+    assert '"/src[trainer]"' in stages["build-trainer"] and "vllm" not in stages["build-trainer"]
+    assert "--from=build-vllm" in stages["vllm"] and "--from=build-trainer" in stages["trainer"]
+    assert not [r for r in PROJECT["optional-dependencies"]["eval"] if re.match(r"(torch|transformers)\b", r)]
+    assert "grpo-operator[eval]" in PROJECT["optional-dependencies"]["trainer"]
+
+
 def test_the_operator_image_has_no_torch():
     assert not [requirement for requirement in PROJECT["dependencies"] + PROJECT["optional-dependencies"]["operator"]
                 if re.match(r"(torch|transformers|deepspeed|vllm)\b", requirement)]
