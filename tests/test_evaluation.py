@@ -140,6 +140,7 @@ def test_transformers_backend_cuts_each_prompt_at_its_own_cap_and_is_reproducibl
     assert all(s.truncated == (len(s.token_ids) == cap and tiny_tokenizer.eos_token_id not in s.token_ids)
                for samples, cap in zip(first[:2], (7, 3)) for s in samples)
     assert sum(advanced) == 4
+    assert backend.sampler.prompts_per_batch == 2, "the batch size is the sampler's, not only the progress bar's"
     assert backend.generate(prompts, [7, 3, 0], settings, lambda n: None) == first
 
 

@@ -163,7 +163,10 @@ class TransformersBackend:
         from grpo_trainer.rollout import TransformersSampler
 
         self.sampler = TransformersSampler(
-            model, eos_token_ids=eos_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id
+            model,
+            eos_token_ids=eos_token_ids(model, tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            prompts_per_batch=prompts_per_batch,
         )
         self.prompts_per_batch = prompts_per_batch
 
