@@ -7,9 +7,12 @@ server behind a fault proxy); the resume tests train a tiny model through the re
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,18 +34,22 @@ from fixtures_s3 import (  # noqa: F401 (fixtures)
 )
 from kill_trial import child_env, differences, run_to_end, run_with_kills, train_command
 
+import grpo_trainer.checkpoint
+import grpo_trainer.disk_space
 from grpo_trainer.checkpoint import (
     EVALUATION_MARGIN_SECONDS,
     MANIFEST,
     CheckpointError,
     CheckpointStore,
     checkpoint_prefix,
+    ensure_room,
+    estimated_size,
     find_checkpoint,
     split_checkpoint_uri,
 )
 from grpo_trainer.scores import SCORES_FILE, evaluation_prefix, scores_json
 from grpo_trainer.spec import BenchmarkScore, EvaluationSpec
-from grpo_trainer.storage import Storage, StorageError, open_storage
+from grpo_trainer.storage import LocalStorage, Storage, StorageError, StorageFullError, open_storage
 from grpo_trainer.termination import Outcome, TerminationMessage
 
 
@@ -63,7 +70,7 @@ def staged(root: Path, step: int) -> Path:
 
 def save(store: CheckpointStore, tmp_path: Path, step: int, score: float | None = None, keep_last: int = 10,
          evaluation: EvaluationSpec | None = None):
-    return store.upload(staged(tmp_path, step), step, world_size=1, score=score, keep_last=keep_last, evaluation=evaluation)
+    return store.save(staged(tmp_path, step), step, world_size=1, score=score, keep_last=keep_last, evaluation=evaluation)
 
 
 def steps(store: CheckpointStore) -> list[int]:
@@ -75,16 +82,17 @@ def steps(store: CheckpointStore) -> list[int]:
 
 def test_the_manifest_lists_every_file_with_its_size_and_digest(storage: Storage, tmp_path: Path) -> None:
     store = CheckpointStore(storage)
-    manifest = save(store, tmp_path, 50, score=0.5)
-    local = tmp_path / "staged-50"
-    on_disk = sorted(path.relative_to(local).as_posix() for path in local.rglob("*") if path.is_file())
-    assert sorted(manifest.files) == on_disk
+    local = staged(tmp_path, 50)
+    written = {path.relative_to(local).as_posix(): path.read_bytes() for path in local.rglob("*") if path.is_file()}
+    manifest = store.save(local, 50, world_size=1, score=0.5, keep_last=10)
+    assert not local.exists()  # moved into the store, or uploaded and removed
+    assert sorted(manifest.files) == sorted(written)
     for name, entry in manifest.files.items():
-        assert entry.size == (local / name).stat().st_size
+        assert (entry.size, entry.sha256) == (len(written[name]), hashlib.sha256(written[name]).hexdigest())
     assert store.manifests() == [manifest]
 
     restored = store.download(manifest, tmp_path / "restored")
-    assert all((restored / name).read_bytes() == (local / name).read_bytes() for name in on_disk)
+    assert all((restored / name).read_bytes() == data for name, data in written.items())
     model_only = store.download(manifest, tmp_path / "model-only", only="model")
     assert sorted(p.name for p in (model_only / "model").iterdir()) == ["config.json", "model.safetensors"]
     assert not (model_only / "engine").exists()
@@ -191,7 +199,7 @@ def test_pruning_keeps_nothing_for_evaluation_unless_every_checkpoint_is_evaluat
     assert steps(store) == [3]
 
 
-def test_upload_prunes_with_the_evaluation_it_is_given(tmp_path: Path) -> None:
+def test_save_prunes_with_the_evaluation_it_is_given(tmp_path: Path) -> None:
     store = CheckpointStore(open_storage(f"file://{tmp_path / 'store'}"))
     for step in (1, 2, 3):
         save(store, tmp_path, step, keep_last=1, evaluation=EVERY)
@@ -206,6 +214,7 @@ def test_a_save_whose_manifest_never_lands_is_ignored(bucket: str, fault_proxy: 
     with pytest.raises(StorageError):
         save(store, tmp_path, 2)
     assert steps(store) == [1]
+    assert not storage.list_objects(checkpoint_prefix(2)) and not (tmp_path / "staged-2").exists()  # nothing half-written
     fault_proxy.fail(times=2, status=500)  # transient 5xx are retried through
     assert store.fetch_newest(tmp_path / "resume").step == 1
 
@@ -218,7 +227,7 @@ from grpo_trainer.checkpoint import CheckpointStore
 from grpo_trainer.storage import MiB, S3Options, open_storage
 uri, endpoint, staged = sys.argv[1:]
 store = CheckpointStore(open_storage(uri, endpoint_url=endpoint, s3_options=S3Options(multipart_chunksize=5 * MiB, max_concurrency=1)))
-store.upload(Path(staged), 2, world_size=1, score=None, keep_last=3)
+store.save(Path(staged), 2, world_size=1, score=None, keep_last=3)
 """
 
 
@@ -242,6 +251,61 @@ def test_an_upload_killed_midway_leaves_a_checkpoint_that_resume_ignores(bucket:
     assert store.fetch_newest(tmp_path / "resume").step == 1  # ...and resume takes step 1
     save(store, tmp_path, 3, keep_last=3)  # the next save clears what the killed one left
     assert {obj.key.split("/")[1] for obj in storage.list_objects("checkpoints")} == {"step-00000001", "step-00000003"}
+
+
+# ---------------------------------------------------------------------------- full disks
+
+
+def test_a_store_that_fills_up_mid_save_keeps_the_earlier_checkpoint_and_nothing_half_written(tmp_path: Path, monkeypatch):
+    store = CheckpointStore(LocalStorage(tmp_path / "store"))
+    first = save(store, tmp_path, 1)
+    move, moves = LocalStorage._move, []
+
+    def second_file_fills_the_disk(self, source, key):  # as a copy across filesystems would meet it
+        moves.append(key)
+        if len(moves) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return move(self, source, key)
+
+    monkeypatch.setattr(LocalStorage, "_move", second_file_fills_the_disk)
+    with pytest.raises(StorageFullError, match=rf"^cannot move .* to {store.storage.uri}/{checkpoint_prefix(2)}/.*: no space left on the filesystem at /"):
+        save(store, tmp_path, 2)
+    assert not (tmp_path / "staged-2").exists()  # the staging folder is gone...
+    assert not (tmp_path / "store" / checkpoint_prefix(2)).exists()  # ...and so is the partial checkpoint
+    assert store.manifests() == [first]
+    assert store.fetch_newest(tmp_path / "resume") == first  # the earlier one is intact: every digest checked
+
+
+def test_a_save_is_refused_before_writing_when_the_estimate_exceeds_the_free_space(tmp_path: Path, monkeypatch):
+    staging, storage = tmp_path / "run" / ".checkpoint-staging" / "save", LocalStorage(tmp_path / "store")
+    free = {"staging": 10_000, "store": 10_000}
+
+    def usage(path):
+        which = "staging" if Path(path).is_relative_to(tmp_path / "run") else "store"
+        return shutil._ntuple_diskusage(10**9, 10**9 - free[which], free[which])
+
+    (tmp_path / "run").mkdir()
+    monkeypatch.setattr(grpo_trainer.disk_space.shutil, "disk_usage", usage)
+    monkeypatch.setattr(grpo_trainer.checkpoint, "same_filesystem", lambda first, second: False)
+    ensure_room(10_000, staging, storage)  # exactly enough
+    with pytest.raises(StorageFullError, match=rf"^the staging folder {staging} is on the filesystem at / \(10.0 kB free\)$"):
+        ensure_room(10_001, staging, storage)
+    free["staging"] = 10**6
+    with pytest.raises(StorageFullError, match=rf"^{storage.uri} is on the filesystem at / \(10.0 kB free\)$"):
+        ensure_room(10_001, staging, storage)
+    assert not staging.exists() and not storage.root.exists()  # nothing written
+    monkeypatch.setattr(grpo_trainer.checkpoint, "same_filesystem", lambda first, second: True)
+    ensure_room(10_001, staging, storage)  # a rename within one filesystem needs no more room
+
+
+def test_the_size_estimate_is_the_previous_checkpoint_or_the_parameters(tmp_path: Path) -> None:
+    import torch
+
+    module = torch.nn.Linear(10, 10)  # 110 float32 parameters
+    module.bias.requires_grad_(False)
+    assert estimated_size(module) == (2 * 110 * 4 + 12 * 100, "100 trainable parameters: the weights twice and Adam's fp32 state")
+    previous = save(CheckpointStore(LocalStorage(tmp_path / "store")), tmp_path, 3)
+    assert estimated_size(module, previous) == (sum(e.size for e in previous.files.values()), "the size of checkpoint step 3")
 
 
 def test_checkpoint_uris_name_their_run_and_step() -> None:
