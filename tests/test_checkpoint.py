@@ -253,6 +253,20 @@ def test_an_upload_killed_midway_leaves_a_checkpoint_that_resume_ignores(bucket:
     assert {obj.key.split("/")[1] for obj in storage.list_objects("checkpoints")} == {"step-00000001", "step-00000003"}
 
 
+def test_a_file_store_is_resumed_in_place_past_a_corrupted_checkpoint(tmp_path: Path, caplog) -> None:
+    """Read where it is, every digest checked: a copy would need as much room again on the volume."""
+    storage = LocalStorage(tmp_path / "store")
+    store = CheckpointStore(storage)
+    older, _ = save(store, tmp_path, 10), save(store, tmp_path, 20)
+    corrupt(storage, f"{checkpoint_prefix(20)}/engine/state/zero_pp_rank_0_mp_rank_00_optim_states.pt", None)
+    with caplog.at_level(logging.WARNING):
+        assert store.newest_in_place() == (older, storage.root / checkpoint_prefix(10))
+    assert "checkpoint step 20 is corrupted, falling back" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]  # nothing copied anywhere
+    with pytest.raises(TypeError, match="only a file:// store"):
+        CheckpointStore(open_storage("s3://bucket/runs")).newest_in_place()
+
+
 # ---------------------------------------------------------------------------- full disks
 
 
@@ -436,6 +450,51 @@ def test_wrong_credentials_fail_before_any_training(tiny_model_dir, tmp_path, bu
     assert f"s3://{bucket}/runs/tiny" in err and "credentials" in err.lower() and "Traceback" not in err
     assert time.monotonic() - began < 20
     assert not (tmp_path / "runs" / "tiny" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_a_full_volume_ends_the_run_in_one_line_and_keeps_a_resumable_checkpoint(
+    tiny_model_dir, tmp_path, small_filesystem, monkeypatch, capsys
+):
+    """A real 60 MB volume holds one of the tiny model's 37 MB checkpoints, not two. Step 4's save is
+    refused before writing; with the check out of the way, the disk itself refuses it mid-write.
+    Each time: exit 4, reason StorageFull, one line naming the volume, nothing half-written, and
+    step 2 intact (the second attempt resumes from it)."""
+    import grpo_trainer.train
+    from grpo_trainer import cli
+    from grpo_trainer.termination import EXIT_STORAGE_FULL, STORAGE_FULL
+
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    volume = small_filesystem("volume", 60)
+    termination_log = tmp_path / "termination-log"
+    termination_log.touch()
+    monkeypatch.setenv("GRPO_TERMINATION_LOG", str(termination_log))
+    body = tiny_run(tiny_model_dir, "file://unused", keepLast=1)
+    body["spec"]["grpo"]["maxSteps"] = 4
+    command = ["train", str(write_manifest(tmp_path / "run.yaml", body)), "--run-dir", str(volume)]
+    run = volume / "tiny"
+
+    def ended_full(words: str) -> str:
+        assert cli.main(command) == EXIT_STORAGE_FULL
+        err = capsys.readouterr().err
+        ended = TerminationMessage.parse(termination_log.read_text())
+        assert ended.outcome == Outcome.FAILED and ended.reason == STORAGE_FULL
+        assert "checkpoint of step 4 needs about" in ended.message and words in ended.message
+        assert f"on the filesystem at {volume} (" in ended.message and "spec.checkpoints.keepLast" in ended.message
+        assert "Traceback" not in err and f"✗ {ended.message}\n" in err and "\n" not in ended.message
+        assert not (run / ".checkpoint-staging").exists()  # no staging folder...
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002"]  # ...no partial checkpoint
+        assert steps(CheckpointStore(LocalStorage(run))) == [2]
+        return ended.message
+
+    refused = ended_full("(the size of checkpoint step 2): the staging folder")
+    assert (run / "checkpoints" / "step-00000002" / MANIFEST).is_file()
+
+    monkeypatch.setattr(grpo_trainer.train, "ensure_room", lambda needed, staging, storage: None)
+    failed = ended_full("cannot write the staging folder")  # at step 4 again: it resumed from step 2
+    assert "trainable parameters" in failed and refused != failed
+    assert CheckpointStore(LocalStorage(run)).newest_in_place()[0].step == 2  # every digest still right
 
 
 @pytest.mark.slow

@@ -197,14 +197,30 @@ class CheckpointStore:
 
     def fetch_newest(self, local_dir: Path, only: str = "") -> Manifest | None:
         """Download the newest complete checkpoint that is intact, falling back past corrupted ones."""
+        return self._newest_intact(lambda manifest: self.download(manifest, local_dir, only))
+
+    def newest_in_place(self) -> tuple[Manifest, Path] | None:
+        """file:// stores: the newest complete checkpoint that is intact and its folder in the store,
+        to be read where it is (every file's digest checked there): a copy would take as much room
+        again on the same volume."""
+        if not isinstance(self.storage, LocalStorage):
+            raise TypeError(f"{self.storage.uri}: only a file:// store can be read in place")
+        manifest = self._newest_intact(self._verify_in_place)
+        return None if manifest is None else (manifest, self.storage.root / checkpoint_prefix(manifest.step))
+
+    def _newest_intact(self, fetch) -> Manifest | None:
         for manifest in self.manifests():
             try:
-                self.download(manifest, local_dir, only)
+                fetch(manifest)
             except IntegrityError as error:
                 logger.warning("checkpoint step %d is corrupted, falling back to the previous one: %s", manifest.step, error)
                 continue
             return manifest
         return None
+
+    def _verify_in_place(self, manifest: Manifest) -> None:
+        for name, entry in manifest.files.items():
+            self.storage.verify(f"{checkpoint_prefix(manifest.step)}/{name}", entry.sha256)
 
     def prune(self, keep_last: int, evaluation: EvaluationSpec | None = None, *, now: float | None = None) -> None:
         """Keep the newest ``keep_last`` complete checkpoints and the best-scoring one (mean reward);

@@ -44,7 +44,7 @@ from grpo_trainer.preemption import Preemption
 from grpo_trainer.rollout import Rollouts, Sampler, TransformersSampler
 from grpo_trainer.spec import CheckpointSpec, GRPORun, RolloutSpec
 from grpo_trainer.status_report import StatusReporter
-from grpo_trainer.storage import Storage, StorageError, StorageFullError
+from grpo_trainer.storage import LocalStorage, Storage, StorageError, StorageFullError
 from grpo_trainer.vllm_client import ServerSampler, server_url
 from grpo_trainer.weight_sync import INITIAL_VERSION, WeightSync, default_transports
 
@@ -111,7 +111,7 @@ def train(
         shutil.rmtree(staging, ignore_errors=True)
     _on_rank_0(storage.check_access)
     fetch_began = time.perf_counter()
-    resumed = _on_rank_0(lambda: _fetch_checkpoint(store, spec.checkpoints, endpoint_url, staging / "resume"))
+    resumed, resume_dir = _on_rank_0(lambda: _fetch_checkpoint(store, spec.checkpoints, endpoint_url, staging / "resume"))
     fetch_seconds = time.perf_counter() - fetch_began
 
     # ---- data and model
@@ -136,12 +136,12 @@ def train(
     first_step, history = 0, []
     if resumed is not None:
         load_began = time.perf_counter()
-        state = restore(staging / "resume", engine)
+        state = restore(resume_dir, engine)
         first_step, history = state.step, state.metrics
-        dist.barrier()  # every rank has loaded it: its room goes to the next checkpoint
+        dist.barrier()  # every rank has loaded it: a downloaded copy's room goes to the next checkpoint
         if rank == 0:
-            shutil.rmtree(staging / "resume")
-        logger.info("resumed from %s at step %d (download %.1f s, load %.1f s)",
+            shutil.rmtree(staging / "resume", ignore_errors=True)
+        logger.info("resumed from %s at step %d (fetch and verify %.1f s, load %.1f s)",
                     resumed, first_step, fetch_seconds, time.perf_counter() - load_began)
     # The server's weights must be the policy's before each rollout: pushed after every step, and
     # again whenever the server says it serves others (a restarted sidecar, a resumed run).
@@ -170,11 +170,13 @@ def train(
                     keep_last=spec.checkpoints.keep_last, evaluation=spec.evaluation,
                 )
             )
-        except StorageFullError as error:
-            raise StorageFullError(
-                f"checkpoint of step {step} needs about {human(needed)} ({estimated_from}): {error}; {ROOM_ADVICE}"
-            ) from error
         except StorageError as error:
+            if rank == 0:  # what the save staged is gone already; the empty folder goes too
+                shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(error, StorageFullError):
+                raise StorageFullError(
+                    f"checkpoint of step {step} needs about {human(needed)} ({estimated_from}): {error}; {ROOM_ADVICE}"
+                ) from error
             raise CheckpointWriteError(f"checkpoint of step {step}: {error}") from error
         previous = manifest
         uri = storage.uri_for(checkpoint_prefix(step))
@@ -371,14 +373,20 @@ def _weight_version(rollouts: Rollouts, current: str, step: int, device) -> tupl
     return label, stale
 
 
-def _fetch_checkpoint(store: CheckpointStore, checkpoints: CheckpointSpec, endpoint_url, local_dir: Path) -> str | None:
-    """Download the checkpoint to resume from into ``local_dir``: spec.checkpoints.resumeFrom if
-    set, else the newest complete one; returns its URI, or None to start from scratch."""
+def _fetch_checkpoint(
+    store: CheckpointStore, checkpoints: CheckpointSpec, endpoint_url, local_dir: Path
+) -> tuple[str | None, Path | None]:
+    """The URI of the checkpoint to resume from and the folder to read it from: spec.checkpoints.resumeFrom
+    if set, else the run's newest complete one; (None, None) to start from scratch. It is downloaded
+    into ``local_dir``, except the run's own checkpoints in a file:// store, read where they are."""
     if checkpoints.resume_from:
         download_checkpoint(checkpoints.resume_from, local_dir, endpoint_url=endpoint_url)
-        return checkpoints.resume_from
-    manifest = store.fetch_newest(local_dir)
-    return None if manifest is None else store.storage.uri_for(checkpoint_prefix(manifest.step))
+        return checkpoints.resume_from, local_dir
+    if isinstance(store.storage, LocalStorage):
+        manifest, folder = store.newest_in_place() or (None, None)
+    else:
+        manifest, folder = store.fetch_newest(local_dir), local_dir
+    return (None, None) if manifest is None else (store.storage.uri_for(checkpoint_prefix(manifest.step)), folder)
 
 
 def _on_rank_0(action):
