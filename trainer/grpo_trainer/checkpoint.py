@@ -357,7 +357,8 @@ def _write_together(write, local_dir: Path) -> None:
         failure = None
     except Exception as error:  # re-raised below, once every rank knows
         failure = error
-    said = None if failure is None else (str(failure).splitlines()[0] if str(failure) else type(failure).__name__,
+    # What every rank learns of this one's write: None, or its first line and whether it ran out of space.
+    said = None if failure is None else (str(failure).partition("\n")[0] or type(failure).__name__,
                                          ran_out_of_space(failure, local_dir))
     failures = [said]
     if dist.get_world_size() > 1:
