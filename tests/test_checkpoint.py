@@ -498,6 +498,32 @@ def test_a_full_volume_ends_the_run_in_one_line_and_keeps_a_resumable_checkpoint
 
 
 @pytest.mark.slow
+def test_two_ranks_that_run_out_of_space_mid_save_both_stop_and_say_it_once(tiny_model_dir, tmp_path, small_filesystem):
+    """A volume 1 MB larger than the estimate (weights and optimizer state, not the tokenizer's 3.5
+    MB): the check passes, a write fails on some rank, mid-way through a collective save. Neither
+    rank may hang at a barrier; rank 0 says it once and the termination message says StorageFull."""
+    from transformers import AutoModelForCausalLM
+
+    needed, _ = estimated_size(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    volume = small_filesystem("volume", needed // 2**20 + 1)
+    manifest = write_manifest(tmp_path / "run.yaml", tiny_run(tiny_model_dir, "file://unused"))
+    termination_log = tmp_path / "termination-log"
+    termination_log.touch()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29564",
+               "-m", "grpo_trainer.cli", "train", str(manifest), "--run-dir", str(volume)]
+    result = subprocess.run(command, env=child_env(GRPO_TERMINATION_LOG=str(termination_log)), capture_output=True,
+                            text=True, timeout=400)
+    ended = TerminationMessage.parse(termination_log.read_text())
+    assert result.returncode != 0 and ended is not None, result.stderr[-3000:]
+    assert ended.outcome == Outcome.FAILED and ended.reason == "StorageFull", ended
+    assert "checkpoint of step 2 needs about" in ended.message and f"the filesystem at {volume} (" in ended.message
+    assert "cannot write the staging folder" in ended.message  # the disk refused it, not the check
+    assert result.stderr.count("✗ ") == 1, result.stderr[-3000:]  # said once, by rank 0
+    assert not (volume / "tiny" / ".checkpoint-staging").exists()
+    assert not list((volume / "tiny").glob("checkpoints/*"))
+
+
+@pytest.mark.slow
 def test_sigterm_to_torchrun_checkpoints_two_ranks_and_they_resume_exactly(tiny_model_dir, tmp_path):
     """The pod's path: the kubelet signals torchrun (PID 1), torchrun passes SIGTERM to both ranks,
     they agree on where to stop, save their ZeRO partitions and exit; a new torchrun resumes."""

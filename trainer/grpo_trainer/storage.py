@@ -222,7 +222,8 @@ def open_storage(uri: str, *, endpoint_url: str | None = None, s3_options: S3Opt
 
 class LocalStorage(Storage):
     """file:// storage: a directory tree. Writes go to a temporary file beside the target that is
-    synced and renamed over it, so a killed writer leaves no half file under a final name."""
+    synced and renamed over it, and move_dir renames whole files that are synced first, so a killed
+    writer leaves no half file under a final name."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).expanduser().absolute()
