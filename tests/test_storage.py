@@ -467,3 +467,13 @@ def test_a_real_full_filesystem_fails_a_move_cleanly(tmp_path: Path, small_files
         storage.move_dir(source, "step-1")
     assert not [p for p in storage.root.rglob("*") if p.is_file() and p.name.startswith(PARTIAL_PREFIX)]
     assert not (storage.root / "step-1" / "model.safetensors").exists()
+
+
+def test_an_s3_download_onto_a_full_filesystem_says_which(bucket: str, moto_server: MotoServer, tmp_path: Path,
+                                                         small_filesystem) -> None:
+    storage = open_storage(f"s3://{bucket}/runs/demo", endpoint_url=moto_server.endpoint, s3_options=FAST)
+    storage.upload_dir(make_checkpoint(tmp_path / "source", big=3 * MiB), "step-1")
+    local = small_filesystem("local", 2)
+    with pytest.raises(StorageFullError, match=rf"download {storage.uri}/step-1/.*no space left on the filesystem at {local} "):
+        storage.download_dir("step-1", local / "resume")
+    assert not [p for p in local.rglob("*") if p.is_file()]  # no partial download left

@@ -342,13 +342,24 @@ def _os_errors(action: str, *, filling: Path | None = None) -> Iterator[None]:
     """Turn OSErrors from local files into StorageErrors that say what was being done; running out
     of space on ``filling``'s filesystem (where the action writes) is a StorageFullError naming it."""
     try:
-        yield
+        with _space_errors(action, filling):
+            yield
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as err:
         raise NotFoundError(f"cannot {action}: {err.filename} does not exist") from err
     except OSError as err:
+        raise StorageError(f"cannot {action}: {err.strerror or err} ({err.filename})") from err
+
+
+@contextmanager
+def _space_errors(action: str, filling: Path | None) -> Iterator[None]:
+    """Running out of space (ENOSPC, or a quota's EDQUOT) on ``filling``'s filesystem: a
+    StorageFullError naming it. Other errors pass as they are."""
+    try:
+        yield
+    except OSError as err:
         if filling is not None and err.errno in (errno.ENOSPC, errno.EDQUOT):
             raise StorageFullError(f"cannot {action}: no space left on {describe(filling)}") from err
-        raise StorageError(f"cannot {action}: {err.strerror or err} ({err.filename})") from err
+        raise
 
 
 @contextmanager
@@ -517,7 +528,7 @@ class S3Storage(Storage):
             with self._errors(self.uri), create_transfer_manager(self._client, self._transfer_config()) as manager:
                 futures = {key: manager.download(self.bucket, s3_keys[key], str(temp)) for key, temp in temps.items()}
                 for key, future in futures.items():
-                    with self._errors(self.uri_for(key)):
+                    with self._errors(self.uri_for(key)), _space_errors(f"download {self.uri_for(key)}", Path(files[key])):
                         future.result()
             for key, temp in temps.items():
                 with open(temp, "rb") as downloaded:
