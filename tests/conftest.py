@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-# Fixture modules shared by several test files (a tiny random model with a real tokenizer, an S3 server,
+# Fixture modules shared by several test files (small filesystems, a tiny random model with a real tokenizer, an S3 server,
 # a Kubernetes API server).
-pytest_plugins = ["fixtures_models", "fixtures_s3", "kube_emulator"]
+pytest_plugins = ["fixtures_disk", "fixtures_models", "fixtures_s3", "kube_emulator"]
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("GRPO_SHARED_DATA", REPO.parent / "shared" / "data"))

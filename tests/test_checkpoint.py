@@ -7,9 +7,12 @@ server behind a fault proxy); the resume tests train a tiny model through the re
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,18 +34,22 @@ from fixtures_s3 import (  # noqa: F401 (fixtures)
 )
 from kill_trial import child_env, differences, run_to_end, run_with_kills, train_command
 
+import grpo_trainer.checkpoint
+import grpo_trainer.disk_space
 from grpo_trainer.checkpoint import (
     EVALUATION_MARGIN_SECONDS,
     MANIFEST,
     CheckpointError,
     CheckpointStore,
     checkpoint_prefix,
+    ensure_room,
+    estimated_size,
     find_checkpoint,
     split_checkpoint_uri,
 )
 from grpo_trainer.scores import SCORES_FILE, evaluation_prefix, scores_json
 from grpo_trainer.spec import BenchmarkScore, EvaluationSpec
-from grpo_trainer.storage import Storage, StorageError, open_storage
+from grpo_trainer.storage import LocalStorage, Storage, StorageError, StorageFullError, open_storage
 from grpo_trainer.termination import Outcome, TerminationMessage
 
 
@@ -63,7 +70,7 @@ def staged(root: Path, step: int) -> Path:
 
 def save(store: CheckpointStore, tmp_path: Path, step: int, score: float | None = None, keep_last: int = 10,
          evaluation: EvaluationSpec | None = None):
-    return store.upload(staged(tmp_path, step), step, world_size=1, score=score, keep_last=keep_last, evaluation=evaluation)
+    return store.save(staged(tmp_path, step), step, world_size=1, score=score, keep_last=keep_last, evaluation=evaluation)
 
 
 def steps(store: CheckpointStore) -> list[int]:
@@ -75,16 +82,17 @@ def steps(store: CheckpointStore) -> list[int]:
 
 def test_the_manifest_lists_every_file_with_its_size_and_digest(storage: Storage, tmp_path: Path) -> None:
     store = CheckpointStore(storage)
-    manifest = save(store, tmp_path, 50, score=0.5)
-    local = tmp_path / "staged-50"
-    on_disk = sorted(path.relative_to(local).as_posix() for path in local.rglob("*") if path.is_file())
-    assert sorted(manifest.files) == on_disk
+    local = staged(tmp_path, 50)
+    written = {path.relative_to(local).as_posix(): path.read_bytes() for path in local.rglob("*") if path.is_file()}
+    manifest = store.save(local, 50, world_size=1, score=0.5, keep_last=10)
+    assert not local.exists()  # moved into the store, or uploaded and removed
+    assert sorted(manifest.files) == sorted(written)
     for name, entry in manifest.files.items():
-        assert entry.size == (local / name).stat().st_size
+        assert (entry.size, entry.sha256) == (len(written[name]), hashlib.sha256(written[name]).hexdigest())
     assert store.manifests() == [manifest]
 
     restored = store.download(manifest, tmp_path / "restored")
-    assert all((restored / name).read_bytes() == (local / name).read_bytes() for name in on_disk)
+    assert all((restored / name).read_bytes() == data for name, data in written.items())
     model_only = store.download(manifest, tmp_path / "model-only", only="model")
     assert sorted(p.name for p in (model_only / "model").iterdir()) == ["config.json", "model.safetensors"]
     assert not (model_only / "engine").exists()
@@ -191,7 +199,7 @@ def test_pruning_keeps_nothing_for_evaluation_unless_every_checkpoint_is_evaluat
     assert steps(store) == [3]
 
 
-def test_upload_prunes_with_the_evaluation_it_is_given(tmp_path: Path) -> None:
+def test_save_prunes_with_the_evaluation_it_is_given(tmp_path: Path) -> None:
     store = CheckpointStore(open_storage(f"file://{tmp_path / 'store'}"))
     for step in (1, 2, 3):
         save(store, tmp_path, step, keep_last=1, evaluation=EVERY)
@@ -206,6 +214,7 @@ def test_a_save_whose_manifest_never_lands_is_ignored(bucket: str, fault_proxy: 
     with pytest.raises(StorageError):
         save(store, tmp_path, 2)
     assert steps(store) == [1]
+    assert not storage.list_objects(checkpoint_prefix(2)) and not (tmp_path / "staged-2").exists()  # nothing half-written
     fault_proxy.fail(times=2, status=500)  # transient 5xx are retried through
     assert store.fetch_newest(tmp_path / "resume").step == 1
 
@@ -218,7 +227,7 @@ from grpo_trainer.checkpoint import CheckpointStore
 from grpo_trainer.storage import MiB, S3Options, open_storage
 uri, endpoint, staged = sys.argv[1:]
 store = CheckpointStore(open_storage(uri, endpoint_url=endpoint, s3_options=S3Options(multipart_chunksize=5 * MiB, max_concurrency=1)))
-store.upload(Path(staged), 2, world_size=1, score=None, keep_last=3)
+store.save(Path(staged), 2, world_size=1, score=None, keep_last=3)
 """
 
 
@@ -242,6 +251,75 @@ def test_an_upload_killed_midway_leaves_a_checkpoint_that_resume_ignores(bucket:
     assert store.fetch_newest(tmp_path / "resume").step == 1  # ...and resume takes step 1
     save(store, tmp_path, 3, keep_last=3)  # the next save clears what the killed one left
     assert {obj.key.split("/")[1] for obj in storage.list_objects("checkpoints")} == {"step-00000001", "step-00000003"}
+
+
+def test_a_file_store_is_resumed_in_place_past_a_corrupted_checkpoint(tmp_path: Path, caplog) -> None:
+    """Read where it is, every digest checked: a copy would need as much room again on the volume."""
+    storage = LocalStorage(tmp_path / "store")
+    store = CheckpointStore(storage)
+    older, _ = save(store, tmp_path, 10), save(store, tmp_path, 20)
+    corrupt(storage, f"{checkpoint_prefix(20)}/engine/state/zero_pp_rank_0_mp_rank_00_optim_states.pt", None)
+    with caplog.at_level(logging.WARNING):
+        assert store.newest_in_place() == (older, storage.root / checkpoint_prefix(10))
+    assert "checkpoint step 20 is corrupted, falling back" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]  # nothing copied anywhere
+    with pytest.raises(TypeError, match="only a file:// store"):
+        CheckpointStore(open_storage("s3://bucket/runs")).newest_in_place()
+
+
+# ---------------------------------------------------------------------------- full disks
+
+
+def test_a_store_that_fills_up_mid_save_keeps_the_earlier_checkpoint_and_nothing_half_written(tmp_path: Path, monkeypatch):
+    store = CheckpointStore(LocalStorage(tmp_path / "store"))
+    first = save(store, tmp_path, 1)
+    move, moves = LocalStorage._move, []
+
+    def second_file_fills_the_disk(self, source, key):  # as a copy across filesystems would meet it
+        moves.append(key)
+        if len(moves) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return move(self, source, key)
+
+    monkeypatch.setattr(LocalStorage, "_move", second_file_fills_the_disk)
+    with pytest.raises(StorageFullError, match=rf"^cannot move .* to {store.storage.uri}/{checkpoint_prefix(2)}/.*: no space left on the filesystem at /"):
+        save(store, tmp_path, 2)
+    assert not (tmp_path / "staged-2").exists()  # the staging folder is gone...
+    assert not (tmp_path / "store" / checkpoint_prefix(2)).exists()  # ...and so is the partial checkpoint
+    assert store.manifests() == [first]
+    assert store.fetch_newest(tmp_path / "resume") == first  # the earlier one is intact: every digest checked
+
+
+def test_a_save_is_refused_before_writing_when_the_estimate_exceeds_the_free_space(tmp_path: Path, monkeypatch):
+    staging, storage = tmp_path / "run" / ".checkpoint-staging" / "save", LocalStorage(tmp_path / "store")
+    free = {"staging": 10_000, "store": 10_000}
+
+    def usage(path):
+        which = "staging" if Path(path).is_relative_to(tmp_path / "run") else "store"
+        return shutil._ntuple_diskusage(10**9, 10**9 - free[which], free[which])
+
+    (tmp_path / "run").mkdir()
+    monkeypatch.setattr(grpo_trainer.disk_space.shutil, "disk_usage", usage)
+    monkeypatch.setattr(grpo_trainer.checkpoint, "same_filesystem", lambda first, second: False)
+    ensure_room(10_000, staging, storage)  # exactly enough
+    with pytest.raises(StorageFullError, match=rf"^the staging folder {staging} is on the filesystem at / \(10.0 kB free\)$"):
+        ensure_room(10_001, staging, storage)
+    free["staging"] = 10**6
+    with pytest.raises(StorageFullError, match=rf"^{storage.uri} is on the filesystem at / \(10.0 kB free\)$"):
+        ensure_room(10_001, staging, storage)
+    assert not staging.exists() and not storage.root.exists()  # nothing written
+    monkeypatch.setattr(grpo_trainer.checkpoint, "same_filesystem", lambda first, second: True)
+    ensure_room(10_001, staging, storage)  # a rename within one filesystem needs no more room
+
+
+def test_the_size_estimate_is_the_previous_checkpoint_or_the_parameters(tmp_path: Path) -> None:
+    import torch
+
+    module = torch.nn.Linear(10, 10)  # 110 float32 parameters
+    module.bias.requires_grad_(False)
+    assert estimated_size(module) == (2 * 110 * 4 + 12 * 100, "100 trainable parameters: the weights twice and Adam's fp32 state")
+    previous = save(CheckpointStore(LocalStorage(tmp_path / "store")), tmp_path, 3)
+    assert estimated_size(module, previous) == (sum(e.size for e in previous.files.values()), "the size of checkpoint step 3")
 
 
 def test_checkpoint_uris_name_their_run_and_step() -> None:
@@ -372,6 +450,77 @@ def test_wrong_credentials_fail_before_any_training(tiny_model_dir, tmp_path, bu
     assert f"s3://{bucket}/runs/tiny" in err and "credentials" in err.lower() and "Traceback" not in err
     assert time.monotonic() - began < 20
     assert not (tmp_path / "runs" / "tiny" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_a_full_volume_ends_the_run_in_one_line_and_keeps_a_resumable_checkpoint(
+    tiny_model_dir, tmp_path, small_filesystem, monkeypatch, capsys
+):
+    """A real 60 MB volume holds one of the tiny model's 37 MB checkpoints, not two. Step 4's save is
+    refused before writing; with the check out of the way, the disk itself refuses it mid-write.
+    Each time: exit 4, reason StorageFull, one line naming the volume, nothing half-written, and
+    step 2 intact (the second attempt resumes from it)."""
+    import grpo_trainer.train
+    from grpo_trainer import cli
+    from grpo_trainer.termination import EXIT_STORAGE_FULL, STORAGE_FULL
+
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    volume = small_filesystem("volume", 60)
+    termination_log = tmp_path / "termination-log"
+    termination_log.touch()
+    monkeypatch.setenv("GRPO_TERMINATION_LOG", str(termination_log))
+    body = tiny_run(tiny_model_dir, "file://unused", keepLast=1)
+    body["spec"]["grpo"]["maxSteps"] = 4
+    command = ["train", str(write_manifest(tmp_path / "run.yaml", body)), "--run-dir", str(volume)]
+    run = volume / "tiny"
+
+    def ended_full(words: str) -> str:
+        assert cli.main(command) == EXIT_STORAGE_FULL
+        err = capsys.readouterr().err
+        ended = TerminationMessage.parse(termination_log.read_text())
+        assert ended.outcome == Outcome.FAILED and ended.reason == STORAGE_FULL
+        assert "checkpoint of step 4 needs about" in ended.message and words in ended.message
+        assert f"on the filesystem at {volume} (" in ended.message and "spec.checkpoints.keepLast" in ended.message
+        assert "Traceback" not in err and f"✗ {ended.message}\n" in err and "\n" not in ended.message
+        assert not (run / ".checkpoint-staging").exists()  # no staging folder...
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002"]  # ...no partial checkpoint
+        assert steps(CheckpointStore(LocalStorage(run))) == [2]
+        return ended.message
+
+    refused = ended_full("(the size of checkpoint step 2): the staging folder")
+    assert (run / "checkpoints" / "step-00000002" / MANIFEST).is_file()
+
+    monkeypatch.setattr(grpo_trainer.train, "ensure_room", lambda needed, staging, storage: None)
+    failed = ended_full("cannot write the staging folder")  # at step 4 again: it resumed from step 2
+    assert "trainable parameters" in failed and refused != failed
+    assert CheckpointStore(LocalStorage(run)).newest_in_place()[0].step == 2  # every digest still right
+
+
+@pytest.mark.slow
+def test_two_ranks_that_run_out_of_space_mid_save_both_stop_and_say_it_once(tiny_model_dir, tmp_path, small_filesystem):
+    """A volume 1 MB larger than the estimate (weights and optimizer state, not the tokenizer's 3.5
+    MB): the check passes, a write fails on some rank, mid-way through a collective save. Neither
+    rank may hang at a barrier; rank 0 says it once and the termination message says StorageFull."""
+    from transformers import AutoModelForCausalLM
+
+    needed, _ = estimated_size(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    volume = small_filesystem("volume", needed // 2**20 + 1)
+    manifest = write_manifest(tmp_path / "run.yaml", tiny_run(tiny_model_dir, "file://unused"))
+    termination_log = tmp_path / "termination-log"
+    termination_log.touch()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29564",
+               "-m", "grpo_trainer.cli", "train", str(manifest), "--run-dir", str(volume)]
+    result = subprocess.run(command, env=child_env(GRPO_TERMINATION_LOG=str(termination_log)), capture_output=True,
+                            text=True, timeout=400)
+    ended = TerminationMessage.parse(termination_log.read_text())
+    assert result.returncode != 0 and ended is not None, result.stderr[-3000:]
+    assert ended.outcome == Outcome.FAILED and ended.reason == "StorageFull", ended
+    assert "checkpoint of step 2 needs about" in ended.message and f"the filesystem at {volume} (" in ended.message
+    assert "cannot write the staging folder" in ended.message  # the disk refused it, not the check
+    assert result.stderr.count("✗ ") == 1, result.stderr[-3000:]  # said once, by rank 0
+    assert not (volume / "tiny" / ".checkpoint-staging").exists()
+    assert not list((volume / "tiny").glob("checkpoints/*"))
 
 
 @pytest.mark.slow

@@ -33,8 +33,8 @@ from grpo_operator.state import (
     watches_evaluations,
 )
 from grpo_trainer.spec import BENCHMARKS, BenchmarkScore, CheckpointRef, EvaluationSpec, GRPORun, GRPORunSpec, GRPORunStatus
-from grpo_trainer.termination import EXIT_INVALID, EXIT_WEIGHT_SYNC, MAX_BYTES, Outcome, TerminationMessage
 from grpo_trainer import validation
+from grpo_trainer.termination import EXIT_INVALID, EXIT_STORAGE_FULL, EXIT_WEIGHT_SYNC, MAX_BYTES, Outcome, TerminationMessage
 from grpo_trainer.validation import FieldError, cel_digest, load_manifest
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "exp2-open-rs.yaml"
@@ -371,6 +371,22 @@ def test_a_failed_weight_sync_is_retried_with_the_trainers_reason():
     decision = decide(SPEC, replay(SPEC, RUNNING), observed, generation=1, now=T0 + timedelta(hours=1))
     assert decision.status.phase != "Failed" and decision.status.restarts == 1
     assert "exited with code 3 (WeightSyncFailed): run.yaml: vLLM server at http://127.0.0.1:8000" in decision.status.message
+
+
+@pytest.mark.parametrize("exit_code", [EXIT_STORAGE_FULL, 1])  # 1: what torchrun exits with when a rank exits 4
+def test_a_full_disk_fails_the_run_at_once_saying_which_filesystem(exit_code):
+    """A new pod would mount the same full volume and fail at the same save: no restart, and the
+    trainer's one line (the filesystem, the bytes needed and free, what to do) is the condition."""
+    line = ("run.yaml: checkpoint of step 50 needs about 2.7 GB (the size of checkpoint step 40): "
+            "file:///data/runs/exp is on the filesystem at /data (1.2 GB free); free space there, give the run "
+            "a larger volume, or keep fewer checkpoints (spec.checkpoints.keepLast)")
+    failed = pod(1, "Failed", trainer=terminated(exit_code, message=said("failed", reason="StorageFull", message=line)))
+    observed = observe_pod(failed)
+    assert observed.state is PodState.FAILED_PERMANENT and observed.reason == "StorageFull"
+    decision = decide(SPEC, replay(SPEC, RUNNING), observed, generation=1, now=T0 + timedelta(hours=1))
+    assert decision.status.phase == "Failed" and decision.status.restarts == 0 and decision.create_pod is None
+    condition = next(c for c in decision.status.conditions if c.type == "Failed")
+    assert condition.reason == "StorageFull" and condition.message == f"pod {failed['metadata']['name']}: {line}"
 
 
 def test_decide_is_a_pure_function():

@@ -29,6 +29,7 @@ from fixtures_s3 import (  # noqa: F401 (fixtures)
     storage,
     upload_part,
 )
+import grpo_trainer.storage
 from grpo_trainer.storage import (
     PARTIAL_PREFIX,
     CredentialsError,
@@ -39,6 +40,7 @@ from grpo_trainer.storage import (
     S3Storage,
     Storage,
     StorageError,
+    StorageFullError,
     UnreachableError,
     open_storage,
 )
@@ -398,3 +400,80 @@ def test_importing_storage_pulls_in_neither_torch_nor_boto3() -> None:
     code = "import sys, grpo_trainer.storage; print(sorted({'torch', 'boto3'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------ moving in, and full disks
+
+
+def files_of(folder: Path) -> dict[str, tuple[int, str]]:
+    """relative path → (size, sha256) of every file below ``folder``."""
+    return {p.relative_to(folder).as_posix(): (p.stat().st_size, sha256_of(p)) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_move_dir_hands_the_folder_over_with_the_same_digests(storage: Storage, tmp_path: Path) -> None:
+    source = make_checkpoint(tmp_path / "staged")
+    expected = files_of(source)
+    inodes = {rel: (source / rel).stat().st_ino for rel in expected}
+    moved = storage.move_dir(source, "step-1")
+    assert {f.key: (f.size, f.sha256) for f in moved} == {f"step-1/{rel}": entry for rel, entry in expected.items()}
+    assert not source.exists()  # no staging copy left
+    storage.download_dir("step-1", tmp_path / "back")
+    assert files_of(tmp_path / "back") == expected
+    if isinstance(storage, LocalStorage):  # renamed, not copied: the very same files
+        assert {rel: (storage.root / "step-1" / rel).stat().st_ino for rel in expected} == inodes
+        assert not list(storage.root.rglob(f"{PARTIAL_PREFIX}*"))
+
+
+def test_move_dir_copies_what_cannot_be_renamed_across_filesystems(tmp_path: Path, monkeypatch) -> None:
+    storage = LocalStorage(tmp_path / "store")
+    source = make_checkpoint(tmp_path / "staged")
+    expected = files_of(source)
+    rename = os.replace
+
+    def across_filesystems(src, dst):  # what rename(2) says from another mount; the store's own temp files still rename
+        if not Path(src).is_relative_to(storage.root):
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), str(src), str(dst))
+        rename(src, dst)
+
+    monkeypatch.setattr(grpo_trainer.storage.os, "replace", across_filesystems)
+    moved = storage.move_dir(source, "step-1")
+    assert {f.key: (f.size, f.sha256) for f in moved} == {f"step-1/{rel}": entry for rel, entry in expected.items()}
+    assert not source.exists() and files_of(storage.root / "step-1") == expected
+
+
+def test_a_full_store_says_which_filesystem_and_leaves_no_partial_file(tmp_path: Path, monkeypatch) -> None:
+    storage = LocalStorage(tmp_path / "store")
+    source = make_checkpoint(tmp_path / "staged")
+
+    def fills_up(src, dst):  # writes part of the file, then the disk is full
+        dst.write(src.read(1000))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(grpo_trainer.storage, "_copy_hashing", fills_up)
+    with pytest.raises(StorageFullError) as raised:
+        storage.upload_dir(source, "step-1")
+    message = str(raised.value)
+    assert "\n" not in message and f"to {storage.uri}/step-1/" in message
+    assert "no space left on the filesystem at /" in message and " free)" in message
+    assert not storage.list_objects() and not list(storage.root.rglob(f"{PARTIAL_PREFIX}*"))
+
+
+def test_a_real_full_filesystem_fails_a_move_cleanly(tmp_path: Path, small_filesystem) -> None:
+    """A 2 MB tmpfs store and a 3 MB file staged on another filesystem: rename(2) says EXDEV, the
+    copy meets a real ENOSPC, and nothing is left on the small filesystem."""
+    storage = LocalStorage(small_filesystem("store", 2))
+    source = make_checkpoint(tmp_path / "staged", big=3 * MiB)
+    with pytest.raises(StorageFullError, match=rf"no space left on the filesystem at {storage.root} \(.* free\)"):
+        storage.move_dir(source, "step-1")
+    assert not [p for p in storage.root.rglob("*") if p.is_file() and p.name.startswith(PARTIAL_PREFIX)]
+    assert not (storage.root / "step-1" / "model.safetensors").exists()
+
+
+def test_an_s3_download_onto_a_full_filesystem_says_which(bucket: str, moto_server: MotoServer, tmp_path: Path,
+                                                         small_filesystem) -> None:
+    storage = open_storage(f"s3://{bucket}/runs/demo", endpoint_url=moto_server.endpoint, s3_options=FAST)
+    storage.upload_dir(make_checkpoint(tmp_path / "source", big=3 * MiB), "step-1")
+    local = small_filesystem("local", 2)
+    with pytest.raises(StorageFullError, match=rf"download {storage.uri}/step-1/.*no space left on the filesystem at {local} "):
+        storage.download_dir("step-1", local / "resume")
+    assert not [p for p in local.rglob("*") if p.is_file()]  # no partial download left

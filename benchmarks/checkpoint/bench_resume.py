@@ -10,7 +10,8 @@ and the two must end bitwise equal with every step logged once.
 
 resume-time: SmolLM2-135M-Instruct trains one step and checkpoints (model, DeepSpeed ZeRO state,
 trainer state), then a second launch resumes from that checkpoint; both through the real command
-line, against a directory or moto's S3 server on localhost. Prints the trainer's own timings.
+line, against a directory or moto's S3 server on localhost. Prints the trainer's own timings and
+the peak disk use under the run directory (sampled every 0.1 s: staging folder and checkpoints).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -103,18 +105,53 @@ def resume_time(args: argparse.Namespace) -> None:
         print(f"# save and resume, SmolLM2-135M-Instruct (float32), storage {args.storage} ({load()})")
         for launch in ("train 1 step + save", "resume (already at maxSteps)"):
             began = time.monotonic()
-            result = subprocess.run(train_command(path, work / "runs"), env=env, capture_output=True, text=True)
+            with PeakDiskUse(work / "runs") as disk:
+                result = subprocess.run(train_command(path, work / "runs"), env=env, capture_output=True, text=True)
             seconds = time.monotonic() - began
             if result.returncode != 0:
                 raise SystemExit(result.stderr[-3000:])
             saved = re.search(r"saved \S+: (.+)", result.stderr)
             resumed = re.search(r"resumed from \S+ at step \d+ \((.+)\)", result.stderr)
-            print(f"{launch}: process {seconds:.1f} s; "
+            print(f"{launch}: process {seconds:.1f} s, peak disk use {disk.peak / 1e6:,.0f} MB; "
                   + (f"checkpoint {saved.group(1)}" if saved else f"resume: {resumed.group(1) if resumed else '?'}"))
         print(f"({load()})")
     finally:
         if server is not None:
             server.terminate()
+
+
+class PeakDiskUse:
+    """The most disk space the files below ``folder`` took at once (allocated blocks), sampled
+    every 0.1 s in a thread while the block runs: a copy that lives for a second still shows."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.peak = 0
+        self._done = threading.Event()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> PeakDiskUse:
+        self._sampler.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._sampler.join()
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.1):
+            self.peak = max(self.peak, _allocated_bytes(self.folder))
+
+
+def _allocated_bytes(folder: Path) -> int:
+    total = 0
+    for directory, _, names in os.walk(folder):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(directory, name)).st_blocks * 512
+            except FileNotFoundError:  # renamed or removed while we walked
+                pass
+    return total
 
 
 def _free_port() -> int:

@@ -62,7 +62,7 @@ from grpo_trainer.spec import (
     Phase,
     Scores,
 )
-from grpo_trainer.termination import EXIT_INVALID, Outcome, TerminationMessage
+from grpo_trainer.termination import EXIT_INVALID, EXIT_STORAGE_FULL, STORAGE_FULL, Outcome, TerminationMessage
 from grpo_trainer.validation import FieldError, ManifestError, cel_digest, validate_manifest
 
 FINISHED: tuple[Phase, ...] = ("Succeeded", "Failed")
@@ -189,6 +189,9 @@ def _ended(name: str, terminated: Mapping[str, Any]) -> tuple[PodState, str, str
     if code == EXIT_INVALID or (said and said.outcome is Outcome.INVALID):
         reason = _reason(said.reason if said else None, "InvalidInput")
         return PodState.FAILED_PERMANENT, reason, f"pod {name}: {detail or 'the trainer rejected its input'}", said
+    # A new pod would mount the same full volume and fail at the same save (termination.py).
+    if code == EXIT_STORAGE_FULL or (said and said.outcome is Outcome.FAILED and said.reason == STORAGE_FULL):
+        return PodState.FAILED_PERMANENT, STORAGE_FULL, f"pod {name}: {detail or 'a checkpoint did not fit'}", said
     # The trainer's own reason (WeightSyncFailed) where it gave one, else the kubelet's: OOMKilled, Error, ...
     said_reason = said.reason if said and said.outcome is Outcome.FAILED else None
     reason = _reason(said_reason or terminated.get("reason"), "Error")

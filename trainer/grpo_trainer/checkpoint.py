@@ -14,8 +14,10 @@ no manifest, and readers skip it. The data position needs no saving: which promp
 on and its sampling seed are pure functions of the step (see train.py).
 
 Every rank writes its share into a local staging folder (the ranks of a run share one node), then
-rank 0 uploads the folder, writes the manifest and prunes old checkpoints (see
-:meth:`CheckpointStore.prune` for which it keeps, evaluations included).
+rank 0 moves the folder into the store (a rename for file:// on the same filesystem, an upload for
+s3://), writes the manifest and prunes old checkpoints (see :meth:`CheckpointStore.prune` for which
+it keeps, evaluations included). A save that fails leaves neither the staging folder nor a partial
+checkpoint behind; one that runs out of space raises StorageFullError on every rank.
 """
 
 from __future__ import annotations
@@ -34,7 +36,15 @@ import torch.distributed as dist
 
 from grpo_trainer.scores import EVALUATIONS_DIR, SCORES_FILE, best_step, parse_scores
 from grpo_trainer.spec import BenchmarkScore, EvaluationSpec
-from grpo_trainer.storage import IntegrityError, Storage, StorageError, open_storage
+from grpo_trainer.disk_space import describe, free_bytes, human, ran_out_of_space, same_filesystem
+from grpo_trainer.storage import (
+    IntegrityError,
+    LocalStorage,
+    Storage,
+    StorageError,
+    StorageFullError,
+    open_storage,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +55,9 @@ ENGINE_DIR = "engine"
 ENGINE_TAG = "state"
 STATE_FILE = "trainer/state.json"
 FORMAT_VERSION = 1
+OPTIMIZER_BYTES_PER_PARAMETER = 12
+"""ZeRO's optimizer state per trainable parameter: fp32 master weights and Adam's two fp32 moments
+(1.6 GB of SmolLM2-135M's 2.7 GB checkpoint, see benchmarks/README.md)."""
 EVALUATION_MARGIN_SECONDS = 3600
 """Beyond spec.evaluation.deadlineSeconds, how long a checkpoint may await its evaluation: the
 operator creates the Job within minutes of the checkpoint's report (its resync is 5 minutes)."""
@@ -135,9 +148,9 @@ class CheckpointStore:
             complete.append(manifest)
         return complete
 
-    def upload(
+    def save(
         self,
-        local_dir: Path,
+        staged: Path,
         step: int,
         world_size: int,
         score: float | None,
@@ -145,15 +158,30 @@ class CheckpointStore:
         keep_last: int,
         evaluation: EvaluationSpec | None = None,
     ) -> Manifest:
-        """Upload a staged checkpoint, then its manifest, then prune (keep_last and evaluation as prune takes them)."""
+        """Move a staged checkpoint into the store (the folder ``staged`` is gone afterwards, whatever
+        happens), then write its manifest, then prune (keep_last and evaluation as prune takes them).
+        On a failure the partial checkpoint is deleted too: nothing half-written stays."""
         prefix = checkpoint_prefix(step)
-        self.storage.delete(f"{prefix}/{MANIFEST}")  # an older save of this step is no longer complete
-        uploaded = self.storage.upload_dir(local_dir, prefix)
-        files = {item.key.removeprefix(f"{prefix}/"): FileEntry(item.size, item.sha256) for item in uploaded}
-        manifest = Manifest(step, world_size, files, score)
-        self.storage.put_bytes(f"{prefix}/{MANIFEST}", manifest.to_json())
+        try:
+            self.storage.delete(f"{prefix}/{MANIFEST}")  # an older save of this step is no longer complete
+            moved = self.storage.move_dir(staged, prefix)
+            files = {item.key.removeprefix(f"{prefix}/"): FileEntry(item.size, item.sha256) for item in moved}
+            manifest = Manifest(step, world_size, files, score)
+            self.storage.put_bytes(f"{prefix}/{MANIFEST}", manifest.to_json())
+        except StorageError:
+            shutil.rmtree(staged, ignore_errors=True)
+            self._delete_partial(prefix)
+            raise
         self.prune(keep_last, evaluation)
         return manifest
+
+    def _delete_partial(self, prefix: str) -> None:
+        """Delete what a failed save left under ``prefix``; a failure here only leaves files that
+        no manifest names, which readers skip and the next prune deletes."""
+        try:
+            self.storage.delete_prefix(prefix)
+        except StorageError as error:
+            logger.warning("could not delete the partial checkpoint %s: %s", self.storage.uri_for(prefix), error)
 
     def download(self, manifest: Manifest, local_dir: Path, only: str = "") -> Path:
         """Fetch a checkpoint (or only the files under the folder ``only``), every file verified
@@ -169,14 +197,30 @@ class CheckpointStore:
 
     def fetch_newest(self, local_dir: Path, only: str = "") -> Manifest | None:
         """Download the newest complete checkpoint that is intact, falling back past corrupted ones."""
+        return self._newest_intact(lambda manifest: self.download(manifest, local_dir, only))
+
+    def newest_in_place(self) -> tuple[Manifest, Path] | None:
+        """file:// stores: the newest complete checkpoint that is intact and its folder in the store,
+        to be read where it is (every file's digest checked there): a copy would take as much room
+        again on the same volume."""
+        if not isinstance(self.storage, LocalStorage):
+            raise TypeError(f"{self.storage.uri}: only a file:// store can be read in place")
+        manifest = self._newest_intact(self._verify_in_place)
+        return None if manifest is None else (manifest, self.storage.root / checkpoint_prefix(manifest.step))
+
+    def _newest_intact(self, fetch) -> Manifest | None:
         for manifest in self.manifests():
             try:
-                self.download(manifest, local_dir, only)
+                fetch(manifest)
             except IntegrityError as error:
                 logger.warning("checkpoint step %d is corrupted, falling back to the previous one: %s", manifest.step, error)
                 continue
             return manifest
         return None
+
+    def _verify_in_place(self, manifest: Manifest) -> None:
+        for name, entry in manifest.files.items():
+            self.storage.verify(f"{checkpoint_prefix(manifest.step)}/{name}", entry.sha256)
 
     def prune(self, keep_last: int, evaluation: EvaluationSpec | None = None, *, now: float | None = None) -> None:
         """Keep the newest ``keep_last`` complete checkpoints and the best-scoring one (mean reward);
@@ -241,22 +285,95 @@ def _step_of(prefix: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+# ------------------------------------------------------------------ how much room one needs
+
+
+def estimated_size(module: torch.nn.Module, previous: Manifest | None = None) -> tuple[int, str]:
+    """Bytes a checkpoint of ``module`` will take, and how that was estimated: the previous
+    checkpoint's total when there is one (same model, same layout), else from the parameters:
+    the weights twice (model/ and DeepSpeed's module states) and ZeRO's optimizer state. The
+    tokenizer and trainer state add a few MB more."""
+    if previous is not None:
+        return sum(entry.size for entry in previous.files.values()), f"the size of checkpoint step {previous.step}"
+    weights = trainable = 0
+    for parameter in module.parameters():
+        count = getattr(parameter, "ds_numel", parameter.numel())  # ZeRO-3 keeps only a shard in numel()
+        weights += count * parameter.element_size()
+        trainable += count if parameter.requires_grad else 0
+    size = 2 * weights + OPTIMIZER_BYTES_PER_PARAMETER * trainable
+    return size, f"{trainable:,} trainable parameters: the weights twice and Adam's fp32 state"
+
+
+def ensure_room(needed: int, staging: Path, storage: Storage) -> None:
+    """Refuse a save before anything is written when the staging folder's filesystem, or a file://
+    store on another filesystem, has less than ``needed`` bytes free."""
+    if free_bytes(staging) < needed:
+        raise StorageFullError(f"the staging folder {staging} is on {describe(staging)}")
+    # A move within one filesystem takes no more room; S3 has no limit to check.
+    if isinstance(storage, LocalStorage) and not same_filesystem(staging, storage.root):
+        if free_bytes(storage.root) < needed:
+            raise StorageFullError(f"{storage.uri} is on {describe(storage.root)}")
+
+
 # --------------------------------------------------------------------- what a rank writes
 
 
 def stage(local_dir: Path, engine, tokenizer, state: TrainerState) -> None:
-    """Write this rank's share of a checkpoint into ``local_dir`` (collective: every rank calls it)."""
+    """Write this rank's share of a checkpoint into ``local_dir`` (collective: every rank calls it).
+    A rank whose write fails still takes part in every collective, so all ranks raise together:
+    StorageFullError on every rank when a write ran out of space, and the partial folder removed."""
     rank = dist.get_rank()
-    if rank == 0:
+
+    def rank_0_share() -> None:
+        if rank == 0:
+            shutil.rmtree(local_dir, ignore_errors=True)
+            # Made here so that DeepSpeed's own makedirs, before a barrier, cannot fail.
+            (local_dir / ENGINE_DIR / ENGINE_TAG).mkdir(parents=True)
+            engine.module.save_pretrained(local_dir / MODEL_DIR, safe_serialization=True)
+            tokenizer.save_pretrained(local_dir / MODEL_DIR)
+            (local_dir / STATE_FILE).parent.mkdir(parents=True, exist_ok=True)
+            (local_dir / STATE_FILE).write_text(json.dumps(asdict(state)), encoding="utf-8")
+
+    def every_rank_share() -> None:
+        try:
+            engine.save_checkpoint(str(local_dir / ENGINE_DIR), tag=ENGINE_TAG, save_latest=False)
+        except Exception:
+            # The other ranks wait at the barrier that ends DeepSpeed's save (between its writes
+            # there is no other collective): meet them there, then agree below.
+            if dist.get_world_size() > 1:
+                dist.barrier()
+            raise
+        torch.save(_rng_states(), local_dir / f"trainer/rng-rank-{rank}.pt")
+
+    _write_together(rank_0_share, local_dir)
+    _write_together(every_rank_share, local_dir)
+
+
+def _write_together(write, local_dir: Path) -> None:
+    """Run this rank's ``write``, then learn how every rank's went: if any failed, rank 0 removes
+    ``local_dir`` and every rank raises (StorageFullError if a write ran out of space)."""
+    try:
+        write()
+        failure = None
+    except Exception as error:  # re-raised below, once every rank knows
+        failure = error
+    # What every rank learns of this one's write: None, or its first line and whether it ran out of space.
+    said = None if failure is None else (str(failure).partition("\n")[0] or type(failure).__name__,
+                                         ran_out_of_space(failure, local_dir))
+    failures = [said]
+    if dist.get_world_size() > 1:
+        failures = [None] * dist.get_world_size()
+        dist.all_gather_object(failures, said)
+    if all(entry is None for entry in failures):
+        return
+    if dist.get_rank() == 0:
         shutil.rmtree(local_dir, ignore_errors=True)
-        engine.module.save_pretrained(local_dir / MODEL_DIR, safe_serialization=True)
-        tokenizer.save_pretrained(local_dir / MODEL_DIR)
-        (local_dir / STATE_FILE).parent.mkdir(parents=True, exist_ok=True)
-        (local_dir / STATE_FILE).write_text(json.dumps(asdict(state)), encoding="utf-8")
-    dist.barrier()
-    engine.save_checkpoint(str(local_dir / ENGINE_DIR), tag=ENGINE_TAG, save_latest=False)
-    torch.save(_rng_states(), local_dir / f"trainer/rng-rank-{rank}.pt")
-    dist.barrier()
+    if any(entry is not None and entry[1] for entry in failures):
+        raise StorageFullError(f"cannot write the staging folder {local_dir}: no space left on {describe(local_dir)}") from failure
+    if failure is not None:
+        raise failure
+    first = next(rank for rank, entry in enumerate(failures) if entry is not None)
+    raise CheckpointWriteError(f"rank {first} could not write its share of the checkpoint in {local_dir}: {failures[first][0]}")
 
 
 def restore(local_dir: Path, engine) -> TrainerState:

@@ -16,7 +16,9 @@ from grpo_trainer.spec import BENCHMARKS
 from grpo_trainer.termination import (
     EXIT_INVALID,
     EXIT_RETRYABLE,
+    EXIT_STORAGE_FULL,
     EXIT_WEIGHT_SYNC,
+    STORAGE_FULL,
     TERMINATION_LOG,
     Outcome,
     TerminationMessage,
@@ -57,7 +59,7 @@ def train(args: argparse.Namespace) -> int:
     from grpo_trainer.checkpoint import CheckpointWriteError
     from grpo_trainer.data import DatasetError
     from grpo_trainer.model import ModelError
-    from grpo_trainer.storage import StorageError, UnreachableError, open_storage
+    from grpo_trainer.storage import StorageError, StorageFullError, UnreachableError, open_storage
     from grpo_trainer.train import train as train_run
     from grpo_trainer.vllm_client import RolloutServerError
     from grpo_trainer.weight_sync import WeightSyncError
@@ -73,6 +75,9 @@ def train(args: argparse.Namespace) -> int:
     except WeightSyncError as error:  # a new pod brings a fresh sidecar; the run resumes from its checkpoint
         message = TerminationMessage(Outcome.FAILED, reason="WeightSyncFailed", message=f"{args.manifest}: {error}")
         return _ended(message, EXIT_WEIGHT_SYNC)
+    except StorageFullError as error:  # a new pod mounts the same full volume: see termination.py
+        message = TerminationMessage(Outcome.FAILED, reason=STORAGE_FULL, message=f"{args.manifest}: {error}")
+        return _ended(message, EXIT_STORAGE_FULL)
     except (DatasetError, ModelError, StorageError) as error:
         if created is not None:  # a run refused before its first step leaves no empty folders behind
             _remove_empty_folders(created)
@@ -116,12 +121,15 @@ def _tensorboard_problem(folder: Path) -> str | None:
 
 
 def _ended(message: TerminationMessage, status: int, *, quiet: bool = False) -> int:
-    """Say how the run ended: on the terminal, and in a pod (where the kubelet provides the file,
-    and only from the first rank) as the termination message the operator reads."""
+    """Say how the run ended, once, from the first rank (every rank raises the same error): on the
+    terminal, and in a pod (where the kubelet provides the file) as the termination message the
+    operator reads."""
+    if os.environ.get("RANK", "0") != "0":
+        return status
     if not quiet:
         console.print(f"[red]✗[/red] {message.message}")
     path = os.environ.get("GRPO_TERMINATION_LOG", TERMINATION_LOG)  # the container's terminationMessagePath
-    if Path(path).exists() and os.environ.get("RANK", "0") == "0":
+    if Path(path).exists():
         message.write(path)
     return status
 

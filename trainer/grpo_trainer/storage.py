@@ -8,6 +8,8 @@ prove a checkpoint complete and intact.
 
 Nothing under a final name is ever half written: file:// writes a temporary file and renames it;
 S3 only shows an object once its upload completes (an interrupted multipart upload shows nothing).
+:meth:`Storage.move_dir` hands a local folder over to the store: file:// renames each file into
+place when the folder is on the store's filesystem, so a checkpoint is written to disk once.
 
 Errors are :class:`StorageError` subclasses whose messages name the URI and say what is wrong; the
 botocore exception is kept as ``__cause__`` for debugging. boto3 is imported only by S3Storage, so
@@ -16,6 +18,7 @@ file:// storage works without it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -26,6 +29,8 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
+
+from grpo_trainer.disk_space import describe
 
 if TYPE_CHECKING:
     from boto3.s3.transfer import TransferConfig
@@ -63,6 +68,11 @@ class IntegrityError(StorageError):
 
 class UnreachableError(StorageError):
     """The storage endpoint could not be reached or kept timing out, even after retries."""
+
+
+class StorageFullError(StorageError):
+    """A filesystem being written to has no space left (or too little for what is to be written);
+    the message names it and what it has free."""
 
 
 # -------------------------------------------------------------------------------------- types
@@ -156,6 +166,12 @@ class Storage(ABC):
         """Delete every object under the folder ``prefix`` and return how many there were. An empty
         prefix is refused: a run's checkpoints are never wiped wholesale by accident."""
 
+    def move_dir(self, local_dir: Path, prefix: str) -> list[TransferredFile]:
+        """Like upload_dir, and ``local_dir`` is gone afterwards. Here: upload, then delete."""
+        uploaded = self.upload_dir(local_dir, prefix)
+        shutil.rmtree(local_dir)
+        return uploaded
+
     def upload_file(self, path: Path, key: str) -> TransferredFile:
         """Upload one local file to ``key``."""
         return self.upload_files({key: Path(path)})[0]
@@ -206,7 +222,8 @@ def open_storage(uri: str, *, endpoint_url: str | None = None, s3_options: S3Opt
 
 class LocalStorage(Storage):
     """file:// storage: a directory tree. Writes go to a temporary file beside the target that is
-    synced and renamed over it, so a killed writer leaves no half file under a final name."""
+    synced and renamed over it, and move_dir renames whole files that are synced first, so a killed
+    writer leaves no half file under a final name."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).expanduser().absolute()
@@ -223,26 +240,61 @@ class LocalStorage(Storage):
     def upload_files(self, files: Mapping[str, Path]) -> list[TransferredFile]:
         done = []
         for key, source in files.items():
-            with _os_errors(f"upload {source} to {self.uri_for(key)}"):
+            with _os_errors(f"upload {source} to {self.uri_for(key)}", filling=self.root):
                 with open(source, "rb") as src, _replacing(self._path(key)) as temp, open(temp, "wb") as dst:
                     size, digest = _copy_hashing(src, dst)
             done.append(TransferredFile(key, size, digest, Path(source)))
         return done
+
+    def move_dir(self, local_dir: Path, prefix: str) -> list[TransferredFile]:
+        """Rename each file into place (one read, to hash it, and no second copy on disk); a file
+        on another filesystem (EXDEV) is copied and then deleted instead."""
+        _check_prefix(prefix)
+        moved = []
+        for rel, source in _files_below(Path(local_dir)):
+            key = _join(prefix, rel)
+            with _os_errors(f"move {source} to {self.uri_for(key)}", filling=self.root):
+                moved.append(self._move(source, key))
+        shutil.rmtree(local_dir)  # only its folders are left
+        return moved
+
+    def _move(self, source: Path, key: str) -> TransferredFile:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(source, "rb") as staged:
+            # On disk before its final name shows it, as a copy would be (see _sync).
+            os.fsync(staged.fileno())
+        try:
+            os.replace(source, target)
+        except OSError as err:
+            if err.errno != errno.EXDEV:
+                raise
+            copied = self.upload_files({key: source})[0]
+            source.unlink()
+            return copied
+        with open(target, "rb") as moved:  # just written, so read from the page cache
+            digest = hashlib.file_digest(moved, "sha256").hexdigest()
+        return TransferredFile(key, target.stat().st_size, digest, source)
 
     def download_files(
         self, files: Mapping[str, Path], *, sha256: Mapping[str, str] | None = None
     ) -> list[TransferredFile]:
         done = []
         for key, target in files.items():
-            with _os_errors(f"download {self.uri_for(key)} to {target}"):
+            with _os_errors(f"download {self.uri_for(key)} to {target}", filling=Path(target)):
                 with open(self._path(key), "rb") as src, _replacing(Path(target)) as temp, open(temp, "wb") as dst:
                     size, digest = _copy_hashing(src, dst)
                     _verify(self.uri_for(key), digest, (sha256 or {}).get(key))
             done.append(TransferredFile(key, size, digest, Path(target)))
         return done
 
+    def verify(self, key: str, sha256: str) -> None:
+        """Raise IntegrityError unless the file at ``key`` has this digest: read where it is, not copied."""
+        with _os_errors(f"read {self.uri_for(key)}"), open(self._path(key), "rb") as stored:
+            _verify(self.uri_for(key), hashlib.file_digest(stored, "sha256").hexdigest(), sha256)
+
     def put_bytes(self, key: str, data: bytes) -> None:
-        with _os_errors(f"write {self.uri_for(key)}"):
+        with _os_errors(f"write {self.uri_for(key)}", filling=self.root):
             with _replacing(self._path(key)) as temp, open(temp, "wb") as dst:
                 dst.write(data)
                 _sync(dst)
@@ -286,14 +338,28 @@ class LocalStorage(Storage):
 
 
 @contextmanager
-def _os_errors(action: str) -> Iterator[None]:
-    """Turn OSErrors from local files into StorageErrors that say what was being done."""
+def _os_errors(action: str, *, filling: Path | None = None) -> Iterator[None]:
+    """Turn OSErrors from local files into StorageErrors that say what was being done; running out
+    of space on ``filling``'s filesystem (where the action writes) is a StorageFullError naming it."""
     try:
-        yield
+        with _space_errors(action, filling):
+            yield
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as err:
         raise NotFoundError(f"cannot {action}: {err.filename} does not exist") from err
     except OSError as err:
         raise StorageError(f"cannot {action}: {err.strerror or err} ({err.filename})") from err
+
+
+@contextmanager
+def _space_errors(action: str, filling: Path | None) -> Iterator[None]:
+    """Running out of space (ENOSPC, or a quota's EDQUOT) on ``filling``'s filesystem: a
+    StorageFullError naming it. Other errors pass as they are."""
+    try:
+        yield
+    except OSError as err:
+        if filling is not None and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageFullError(f"cannot {action}: no space left on {describe(filling)}") from err
+        raise
 
 
 @contextmanager
@@ -462,7 +528,7 @@ class S3Storage(Storage):
             with self._errors(self.uri), create_transfer_manager(self._client, self._transfer_config()) as manager:
                 futures = {key: manager.download(self.bucket, s3_keys[key], str(temp)) for key, temp in temps.items()}
                 for key, future in futures.items():
-                    with self._errors(self.uri_for(key)):
+                    with self._errors(self.uri_for(key)), _space_errors(f"download {self.uri_for(key)}", Path(files[key])):
                         future.result()
             for key, temp in temps.items():
                 with open(temp, "rb") as downloaded:

@@ -13,6 +13,11 @@ operator reads it beside the exit code:
 - exit EXIT_WEIGHT_SYNC, outcome ``failed``, reason ``WeightSyncFailed``: the policy's weights did
   not reach the vLLM sidecar by either path; a new pod (a fresh sidecar) resumes from the latest
   checkpoint;
+- exit EXIT_STORAGE_FULL, outcome ``failed``, reason ``StorageFull``: a checkpoint does not fit on
+  the staging folder's or a file:// store's filesystem (the message names it, the bytes needed and
+  free). Not retried: a new pod mounts the same volume and the checkpoint is no smaller, so a retry
+  would only burn GPU hours to fail at the same save; once space is freed (or the volume grown, or
+  keepLast lowered), the run re-created under the same name resumes from its newest checkpoint;
 - any other exit: a crash, retried from the latest checkpoint (outcome ``failed`` when the trainer
   could say why).
 
@@ -33,6 +38,8 @@ logger = logging.getLogger(__name__)
 EXIT_RETRYABLE = 1  # a failure that may pass on another try: an unreachable store, a failed upload
 EXIT_INVALID = 2  # bad input: a manifest that is not a valid GRPORun, a file that cannot be read
 EXIT_WEIGHT_SYNC = 3  # retryable: the vLLM sidecar did not take the weights (NCCL and /dev/shm both failed)
+EXIT_STORAGE_FULL = 4  # permanent: a checkpoint does not fit where it is written
+STORAGE_FULL = "StorageFull"  # its reason; torchrun exits 1 whatever a rank's code, so the operator reads this
 
 TERMINATION_LOG = "/dev/termination-log"
 MAX_BYTES = 4096  # what the kubelet keeps of a termination message
@@ -69,7 +76,7 @@ class Outcome(StrEnum):
 class TerminationMessage:
     outcome: Outcome
     step: int | None = None  # the last step trained (completed) or checkpointed (preempted)
-    reason: str | None = None  # CamelCase: InvalidSpec, DatasetError, ... (invalid); WeightSyncFailed (failed)
+    reason: str | None = None  # CamelCase: InvalidSpec, DatasetError, ... (invalid); WeightSyncFailed, StorageFull (failed)
     message: str = ""
     checkpoint_uri: str | None = None
     scores: tuple[dict, ...] = ()  # evaluated: a few hundred bytes for the five benchmarks, never cut

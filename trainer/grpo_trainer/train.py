@@ -24,13 +24,17 @@ from grpo_trainer.checkpoint import (
     MODEL_DIR,
     CheckpointStore,
     CheckpointWriteError,
+    Manifest,
     TrainerState,
     checkpoint_prefix,
     download_checkpoint,
+    ensure_room,
+    estimated_size,
     restore,
     stage,
 )
 from grpo_trainer.data import DatasetError, build_prompts, load_problems
+from grpo_trainer.disk_space import human
 from grpo_trainer.engine import build_engine, init_distributed
 from grpo_trainer.loss import group_advantages, grpo_loss, mask_truncated_completions
 from grpo_trainer.metrics import MetricsLog, StepTimer
@@ -40,11 +44,13 @@ from grpo_trainer.preemption import Preemption
 from grpo_trainer.rollout import Rollouts, Sampler, TransformersSampler
 from grpo_trainer.spec import CheckpointSpec, GRPORun, RolloutSpec
 from grpo_trainer.status_report import StatusReporter
-from grpo_trainer.storage import Storage, StorageError
+from grpo_trainer.storage import LocalStorage, Storage, StorageError, StorageFullError
 from grpo_trainer.vllm_client import ServerSampler, server_url
 from grpo_trainer.weight_sync import INITIAL_VERSION, WeightSync, default_transports
 
 logger = logging.getLogger(__name__)
+
+ROOM_ADVICE = "free space there, give the run a larger volume, or keep fewer checkpoints (spec.checkpoints.keepLast)"
 
 
 @dataclass
@@ -101,9 +107,11 @@ def train(
     # ---- checkpoints first: a store we cannot write to fails the run before any work
     store = CheckpointStore(storage)
     staging = run_dir / ".checkpoint-staging"
+    if rank == 0:  # a killed attempt's leftovers would take the room the next checkpoint needs
+        shutil.rmtree(staging, ignore_errors=True)
     _on_rank_0(storage.check_access)
     fetch_began = time.perf_counter()
-    resumed = _on_rank_0(lambda: _fetch_checkpoint(store, spec.checkpoints, endpoint_url, staging / "resume"))
+    resumed, resume_dir = _on_rank_0(lambda: _fetch_checkpoint(store, spec.checkpoints, endpoint_url, staging / "resume"))
     fetch_seconds = time.perf_counter() - fetch_began
 
     # ---- data and model
@@ -128,9 +136,12 @@ def train(
     first_step, history = 0, []
     if resumed is not None:
         load_began = time.perf_counter()
-        state = restore(staging / "resume", engine)
+        state = restore(resume_dir, engine)
         first_step, history = state.step, state.metrics
-        logger.info("resumed from %s at step %d (download %.1f s, load %.1f s)",
+        dist.barrier()  # every rank has loaded it: a downloaded copy's room goes to the next checkpoint
+        if rank == 0:
+            shutil.rmtree(staging / "resume", ignore_errors=True)
+        logger.info("resumed from %s at step %d (fetch and verify %.1f s, load %.1f s)",
                     resumed, first_step, fetch_seconds, time.perf_counter() - load_began)
     # The server's weights must be the policy's before each rollout: pushed after every step, and
     # again whenever the server says it serves others (a restarted sidecar, a resumed run).
@@ -140,27 +151,39 @@ def train(
     # In a pod, progress and checkpoints also go into the GRPORun's status, for kubectl get grporuns.
     reporter = StatusReporter.from_environment(grpo.max_steps) if rank == 0 else None
 
+    previous: Manifest | None = None  # this attempt's last checkpoint: the best estimate of the next one's size
+
     def save(step: int) -> str:
+        nonlocal previous
         began = time.perf_counter()
         state = TrainerState(step, world_size, grpo.seed, log.records)
-        stage(staging / "save", engine, tokenizer, state)
-        staged = time.perf_counter()
+        needed, estimated_from = estimated_size(engine.module, previous)
         since_last = [record["reward"] for record in log.records[-spec.checkpoints.every_steps :]]
         score = sum(since_last) / len(since_last) if since_last else None
         try:
+            _on_rank_0(lambda: ensure_room(needed, staging / "save", storage))
+            stage(staging / "save", engine, tokenizer, state)
+            staged = time.perf_counter()
             manifest = _on_rank_0(
-                lambda: store.upload(
+                lambda: store.save(
                     staging / "save", step, world_size, score,
                     keep_last=spec.checkpoints.keep_last, evaluation=spec.evaluation,
                 )
             )
         except StorageError as error:
+            if rank == 0:  # what the save staged is gone already; the empty folder goes too
+                shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(error, StorageFullError):
+                raise StorageFullError(
+                    f"checkpoint of step {step} needs about {human(needed)} ({estimated_from}): {error}; {ROOM_ADVICE}"
+                ) from error
             raise CheckpointWriteError(f"checkpoint of step {step}: {error}") from error
+        previous = manifest
         uri = storage.uri_for(checkpoint_prefix(step))
         if reporter is not None:
             reporter.report_checkpoint(step, uri)
         megabytes = sum(entry.size for entry in manifest.files.values()) / 1e6
-        logger.info("saved %s: %.0f MB in %.1f s (write %.1f s, upload %.1f s)", uri, megabytes,
+        logger.info("saved %s: %.0f MB in %.1f s (write %.1f s, move into the store %.1f s)", uri, megabytes,
                     time.perf_counter() - began, staged - began, time.perf_counter() - staged)
         return uri
 
@@ -350,14 +373,20 @@ def _weight_version(rollouts: Rollouts, current: str, step: int, device) -> tupl
     return label, stale
 
 
-def _fetch_checkpoint(store: CheckpointStore, checkpoints: CheckpointSpec, endpoint_url, local_dir: Path) -> str | None:
-    """Download the checkpoint to resume from into ``local_dir``: spec.checkpoints.resumeFrom if
-    set, else the newest complete one; returns its URI, or None to start from scratch."""
+def _fetch_checkpoint(
+    store: CheckpointStore, checkpoints: CheckpointSpec, endpoint_url, local_dir: Path
+) -> tuple[str | None, Path | None]:
+    """The URI of the checkpoint to resume from and the folder to read it from: spec.checkpoints.resumeFrom
+    if set, else the run's newest complete one; (None, None) to start from scratch. It is downloaded
+    into ``local_dir``, except the run's own checkpoints in a file:// store, read where they are."""
     if checkpoints.resume_from:
         download_checkpoint(checkpoints.resume_from, local_dir, endpoint_url=endpoint_url)
-        return checkpoints.resume_from
-    manifest = store.fetch_newest(local_dir)
-    return None if manifest is None else store.storage.uri_for(checkpoint_prefix(manifest.step))
+        return checkpoints.resume_from, local_dir
+    if isinstance(store.storage, LocalStorage):
+        manifest, folder = store.newest_in_place() or (None, None)
+    else:
+        manifest, folder = store.fetch_newest(local_dir), local_dir
+    return (None, None) if manifest is None else (store.storage.uri_for(checkpoint_prefix(manifest.step)), folder)
 
 
 def _on_rank_0(action):
