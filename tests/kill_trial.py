@@ -41,7 +41,9 @@ def train_command(manifest: Path, run_dir: Path) -> list[str]:
 def child_env(**extra: str) -> dict[str, str]:
     # One thread, and the same in every run: float sums are then done in the same order.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **extra}
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+    # What an in-process run in this test process set (its rendezvous port is still taken): a child
+    # is a group of one on a port of its own.
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     return env
 
