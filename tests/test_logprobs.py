@@ -133,3 +133,33 @@ def test_the_log_prob_path_never_holds_the_logits_of_the_micro_batch():
     bound = peaks["logits"] / 2
     assert peaks["unchunked"] > bound, peaks  # the bound is one the old path fails
     assert peaks["ours"] < bound, peaks
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_completion_log_probs_give_the_unchunked_gradients_of_every_weight(gradient_checkpointing):
+    """Through the whole model in float64 (tied output layer, left-padded prompts, right-padded
+    completions): the gradient of Σ logps equals that of each row's own unpadded forward."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from grpo_trainer.rollout import Rollouts
+    from grpo_trainer.train import _completion_logps, _padded_batch
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).double().train()
+    if gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(5, 300, (n,), generator=generator).tolist() for n in (3, 6, 2)]
+    completions = [torch.randint(5, 300, (n,), generator=generator).tolist() for n in (5, 2, 7)]
+    batch = _padded_batch(Rollouts(prompts, completions, None, [False] * 3), 0, torch.device("cpu"))
+    logps, _ = _completion_logps(model, batch, 0.7)
+    ours = torch.autograd.grad(logps.sum(), list(model.parameters()))
+    expected = 0
+    for prompt, completion in zip(prompts, completions):
+        logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1]
+        log_probs = torch.log_softmax(logits / 0.7, dim=-1)
+        expected = expected + log_probs.gather(-1, torch.tensor(completion)[:, None]).sum()
+    for got, want in zip(ours, torch.autograd.grad(expected, list(model.parameters())), strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
