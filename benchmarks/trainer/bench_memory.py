@@ -136,7 +136,7 @@ def main(argv=None) -> None:
           + f", {parameters / 1e6:.1f} M parameters; {settings.prompts_per_step} prompt(s) × "
           f"{settings.num_generations} completions × {settings.completion_length} tokens a step in micro-batches of "
           f"{settings.batch_size}, prompts of {prompt_lengths[0]}–{prompt_lengths[-1]} tokens; β {settings.beta}; "
-          f"float32; 1 torch thread; steps {counted.start or 1}–{settings.steps}.\n")
+          f"float32; 1 torch thread; steps {2 if settings.steps > 1 else 1}–{settings.steps}.\n")
     print("| trainer | peak RSS of a step, GiB | RSS as a step begins, GiB | step s (wall) | step s (CPU) |")
     print("|---|---|---|---|---|")
     for name, (side, peaks) in results.items():
