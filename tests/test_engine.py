@@ -12,7 +12,7 @@ import pytest
 import torch
 from engine_fixtures import ACCUMULATION, MICRO_STEPS, OPTIMIZER_STEPS, WORLD_SIZE, batch, grpo_spec, tiny_model
 
-from grpo_trainer.engine import deepspeed_config, lr_scheduler, warmup_steps
+from grpo_trainer.engine import CPU_BUCKET_ELEMENTS, deepspeed_config, lr_scheduler, warmup_steps
 from grpo_trainer.spec import GRPOSpec
 
 TESTS = Path(__file__).resolve().parent
@@ -44,6 +44,10 @@ def test_deepspeed_config_follows_the_spec():
     assert config["train_micro_batch_size_per_gpu"] == 6 and config["gradient_accumulation_steps"] == 4
     assert config["zero_optimization"]["stage"] == 2 and config["bf16"]["enabled"] is True
     assert deepspeed_config(grpo, on_gpu=False)["bf16"]["enabled"] is False
+    # DeepSpeed's own buckets on GPUs; on CPU a 200 MB one, not a 2 GB buffer per micro-batch.
+    assert "reduce_bucket_size" not in config["zero_optimization"]
+    cpu = deepspeed_config(grpo, on_gpu=False)["zero_optimization"]
+    assert cpu["reduce_bucket_size"] == cpu["allgather_bucket_size"] == CPU_BUCKET_ELEMENTS == 50_000_000
 
 
 def _reference_training():

@@ -148,7 +148,6 @@ class StepClock:
 def make_model_dir(settings: Settings, root: Path) -> tuple[Path, int]:
     """The checkpoint both trainers load: a random Llama of the asked size with SmolLM2's tokenizer,
     or SmolLM2-135M-Instruct itself, dequantized from its GGUF. Returns it and its parameter count."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from grpo_trainer.model import load_model, load_tokenizer, resolve_model_source
@@ -158,25 +157,38 @@ def make_model_dir(settings: Settings, root: Path) -> tuple[Path, int]:
     if settings.model == "smollm2":
         model = load_model(location, tokenizer, dtype="float32")
     else:
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=settings.hidden_size,
-            intermediate_size=settings.hidden_size * 3,
-            num_hidden_layers=settings.layers,
-            num_attention_heads=max(1, settings.hidden_size // 64),
-            num_key_value_heads=max(1, settings.hidden_size // 192),
-            max_position_embeddings=2048,
-            tie_word_embeddings=True,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        torch.manual_seed(settings.seed)
-        model = LlamaForCausalLM(config)
+        model = random_model(LlamaForCausalLM, LlamaConfig(
+            vocab_size=len(tokenizer), num_key_value_heads=max(1, settings.hidden_size // 192),
+            max_position_embeddings=2048, tie_word_embeddings=True, **body(settings, tokenizer),
+        ), settings.seed)
+    return save_model_dir(model, tokenizer, root)
+
+
+def save_model_dir(model, tokenizer, root: Path) -> tuple[Path, int]:
     directory = root / "model"
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory, model.num_parameters()
+
+
+def body(settings: Settings, tokenizer) -> dict:
+    """The config fields of a random model's body of the asked size, and its special tokens."""
+    return dict(
+        hidden_size=settings.hidden_size,
+        intermediate_size=settings.hidden_size * 3,
+        num_hidden_layers=settings.layers,
+        num_attention_heads=max(1, settings.hidden_size // 64),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def random_model(model_class, config, seed: int):
+    import torch
+
+    torch.manual_seed(seed)
+    return model_class(config)
 
 
 def step_prompts(settings: Settings, model_dir: Path):

@@ -17,12 +17,22 @@ import torch
 from grpo_trainer.spec import GRPOSpec
 
 
+CPU_BUCKET_ELEMENTS = 50_000_000
+"""ZeRO's gradient bucket on CPU (200 MB in float32). DeepSpeed's default, 5e8 elements, is a 2 GB
+buffer allocated afresh every micro-batch, filled with the whole model's gradients before it is
+flushed: on a laptop that is resident memory the run cannot spare, and a smaller bucket only
+flushes more often."""
+
+
 def deepspeed_config(grpo: GRPOSpec, *, on_gpu: bool) -> dict[str, Any]:
+    zero = {"stage": grpo.zero_stage, "overlap_comm": on_gpu, "contiguous_gradients": True}
+    if not on_gpu:
+        zero.update(reduce_bucket_size=CPU_BUCKET_ELEMENTS, allgather_bucket_size=CPU_BUCKET_ELEMENTS)
     return {
         "train_micro_batch_size_per_gpu": grpo.per_device_batch_size,
         "gradient_accumulation_steps": grpo.gradient_accumulation_steps,
         "gradient_clipping": grpo.max_grad_norm,
-        "zero_optimization": {"stage": grpo.zero_stage, "overlap_comm": on_gpu, "contiguous_gradients": True},
+        "zero_optimization": zero,
         "bf16": {"enabled": grpo.bf16 and on_gpu},
         # torch's AdamW: the same optimizer on CPU and GPU; DeepSpeed only shards its state.
         "zero_allow_untested_optimizer": True,

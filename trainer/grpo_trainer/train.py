@@ -36,6 +36,7 @@ from grpo_trainer.checkpoint import (
 from grpo_trainer.data import DatasetError, build_prompts, load_problems
 from grpo_trainer.disk_space import human
 from grpo_trainer.engine import build_engine, init_distributed
+from grpo_trainer.logprobs import token_log_probs
 from grpo_trainer.loss import group_advantages, grpo_loss, mask_truncated_completions
 from grpo_trainer.metrics import MetricsLog, StepTimer
 from grpo_trainer.model import ModelError, eos_token_ids, load_model, load_tokenizer, resolve_model_source
@@ -462,25 +463,41 @@ def _rows(batch: Batch, rows: slice) -> Batch:
 
 def _completion_logps(model, batch: Batch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """log π(o_t | q, o_<t) of each completion token at the sampling temperature, and the entropy of
-    π at that position, both [B, T] (0 past a completion's end). The output layer runs only on the
-    T columns that predict completion tokens (the logits at column c predict the token at c + 1),
-    and the float32 log-softmax goes one row at a time, so memory grows with T, not with B × T."""
-    rows, width = batch.completion_ids.shape
-    logits = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        logits_to_keep=width + 1,
-    ).logits[:, :-1]
-    logps = torch.zeros((rows, width), dtype=torch.float32, device=logits.device)
-    entropy = torch.zeros((rows, width), dtype=torch.float32, device=logits.device)
-    for row in range(rows):
-        length = int(batch.completion_mask[row].sum())
-        log_probs = torch.log_softmax(logits[row, :length].float() / temperature, dim=-1)
-        tokens = batch.completion_ids[row, :length]
-        logps[row, :length] = log_probs.gather(-1, tokens[:, None]).squeeze(-1)
-        entropy[row, :length] = -(log_probs.exp() * log_probs).sum(-1).detach()
-    return logps, entropy
+    π at that position, both [B, T] (0 past a completion's end). The model runs without its output
+    layer (no logits at all); the final hidden states at the columns that predict completion tokens
+    (column c predicts the token at c + 1) then go through it in chunks of tokens, forward and
+    backward (grpo_trainer.logprobs), so memory never holds [B, T, vocabulary] logits."""
+    width = batch.completion_ids.shape[1]
+    causal_lm = getattr(model, "module", model)  # the model itself under the DeepSpeed engine
+    with _final_hidden_states(causal_lm) as hidden:
+        model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            logits_to_keep=torch.zeros(0, dtype=torch.long, device=batch.input_ids.device),
+        )
+    mask = batch.completion_mask.bool()
+    logps, entropy = token_log_probs(
+        hidden[0][:, -width - 1 : -1][mask], causal_lm.get_output_embeddings(), batch.completion_ids[mask], temperature
+    )
+    return _unflatten(logps, mask), _unflatten(entropy, mask)
+
+
+@contextmanager
+def _final_hidden_states(causal_lm) -> Iterator[list[torch.Tensor]]:
+    """A list that receives the decoder's last hidden state [B, S, H] (after its final norm) when
+    ``causal_lm`` runs: the input of its output layer."""
+    hidden: list[torch.Tensor] = []
+    hook = causal_lm.get_decoder().register_forward_hook(lambda module, args, output: hidden.append(output[0]))
+    try:
+        yield hidden
+    finally:
+        hook.remove()
+
+
+def _unflatten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[N] values of the True places of ``mask`` [B, T] back to [B, T], 0 elsewhere."""
+    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
