@@ -161,25 +161,14 @@ class ServerSampler:
         """POST ``body`` as JSON and return the JSON answer. Unreachable servers and 5xx answers
         are retried RETRIES times (a restarting sidecar comes back); a timeout is not (the server
         is busy or stuck, and another wait as long helps neither)."""
-        url = self.url + route
-        data = json.dumps(body).encode()
+        request = json_request(self.url + route, body)
         for attempt in range(RETRIES + 1):
-            request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
             try:
-                with urllib.request.urlopen(request, timeout=self.rollout.request_timeout_seconds) as response:
-                    return json.load(response)
-            except urllib.error.HTTPError as error:
-                problem = f"HTTP {error.code}: {_error_text(error)}"
-                if error.code < 500:
+                return call_json(request, self.rollout.request_timeout_seconds)
+            except HTTPCallError as error:
+                problem = error.problem
+                if not error.retryable:
                     break
-            except TimeoutError:
-                problem = f"no answer within {self.rollout.request_timeout_seconds} s"
-                break
-            except (urllib.error.URLError, OSError) as error:
-                if isinstance(getattr(error, "reason", None), TimeoutError):
-                    problem = f"no answer within {self.rollout.request_timeout_seconds} s"
-                    break
-                problem = _reason(error)
             if attempt < RETRIES:
                 logger.warning("vLLM server at %s: POST %s failed (%s); retrying", self.url, route, problem)
                 time.sleep(RETRY_PAUSE_SECONDS * (attempt + 1))
@@ -207,6 +196,38 @@ class ServerSampler:
             for span in choice.get("weight_versions") or []:
                 if span["version"] not in rollouts.weight_versions:
                     rollouts.weight_versions.append(span["version"])
+
+
+class HTTPCallError(Exception):
+    """A JSON call to the server that failed: ``problem`` says how, in one line; ``retryable``
+    for what a restarting server recovers from (a refused connection, a 5xx)."""
+
+    def __init__(self, problem: str, *, retryable: bool):
+        super().__init__(problem)
+        self.problem, self.retryable = problem, retryable
+
+
+def json_request(url: str, body: dict | None) -> urllib.request.Request:
+    """A POST of ``body`` as JSON (an empty body when None)."""
+    data = json.dumps(body).encode() if body is not None else b""
+    return urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json"})
+
+
+def call_json(request: urllib.request.Request | str, timeout: float) -> dict:
+    """Send ``request`` (or GET a URL) and return its JSON answer, or raise HTTPCallError."""
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            text = response.read()
+    except urllib.error.HTTPError as error:
+        raise HTTPCallError(f"HTTP {error.code}: {_error_text(error)}", retryable=error.code >= 500) from None
+    except (TimeoutError, urllib.error.URLError, OSError) as error:
+        if isinstance(error, TimeoutError) or isinstance(getattr(error, "reason", None), TimeoutError):
+            raise HTTPCallError(f"no answer within {timeout:g} s", retryable=False) from None
+        raise HTTPCallError(_reason(error), retryable=True) from None
+    try:
+        return json.loads(text or b"{}")
+    except ValueError:
+        raise HTTPCallError("an answer that is not JSON", retryable=False) from None
 
 
 def _reason(error: OSError) -> str:

@@ -27,12 +27,10 @@ checkpoint. A sidecar that restarted serves its base weights again (label "defau
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 import weakref
@@ -46,7 +44,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 
 from grpo_trainer.engine import _free_port
-from grpo_trainer.vllm_client import _error_text, _reason
+from grpo_trainer.vllm_client import HTTPCallError, call_json, json_request
 from grpo_trainer.vllm_server import HOST
 
 logger = logging.getLogger(__name__)
@@ -136,29 +134,16 @@ class ServerCalls:
     def post(self, route: str, body: dict | None = None, **query) -> dict:
         if query:
             route += "?" + urllib.parse.urlencode(query)
-        data = json.dumps(body).encode() if body is not None else b""
-        return self._call(urllib.request.Request(self.url + route, data=data, method="POST",
-                                                 headers={"Content-Type": "application/json"}), f"POST {route}")
+        return self._call(json_request(self.url + route, body), f"POST {route}")
 
     def get(self, route: str) -> dict:
-        return self._call(urllib.request.Request(self.url + route), f"GET {route}")
+        return self._call(self.url + route, f"GET {route}")
 
-    def _call(self, request: urllib.request.Request, what: str) -> dict:
+    def _call(self, request: urllib.request.Request | str, what: str) -> dict:
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                text = response.read()
-        except urllib.error.HTTPError as error:
-            raise PhaseFailed(f"{what}: HTTP {error.code}: {_error_text(error)}") from None
-        except TimeoutError:
-            raise PhaseFailed(f"{what}: no answer within {self.timeout:g} s") from None
-        except (urllib.error.URLError, OSError) as error:
-            if isinstance(getattr(error, "reason", None), TimeoutError):
-                raise PhaseFailed(f"{what}: no answer within {self.timeout:g} s") from None
-            raise PhaseFailed(f"{what}: {_reason(error)}") from None
-        try:
-            return json.loads(text or b"{}")
-        except ValueError:
-            raise PhaseFailed(f"{what}: an answer that is not JSON") from None
+            return call_json(request, self.timeout)
+        except HTTPCallError as error:
+            raise PhaseFailed(f"{what}: {error.problem}") from None
 
 
 class Transport(Protocol):
