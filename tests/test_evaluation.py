@@ -316,3 +316,18 @@ def test_the_boxed_gold_score_reads_the_answers_value_where_the_papers_compared_
     [result] = run_evaluation("m", loaded, EvalSettings(), storage, Spaced(), tiny_tokenizer, step=0, console=Console(quiet=True))
     assert (result.summary["score"], result.summary["boxedGoldScore"]) == (0.0, 1.0)
     assert result.rows[0]["boxedGoldCorrect"] and not result.rows[0]["correct"]
+
+
+def test_a_grader_that_cannot_start_is_one_line_and_a_retryable_exit(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    from grpo_trainer import grading
+    from grpo_trainer.termination import EXIT_RETRYABLE
+
+    def no_workers(self, completions, golds):
+        raise grading.GraderStartError("a grader worker could not start (exit code -9)")
+
+    monkeypatch.setattr(grading.Grader, "verify_batch", no_workers)
+    data = write_set(tmp_path / "data", "gsm8k", [{"problem": "1+1?", "answer": "2"}])
+    code = main(["eval", str(tiny_model_dir), "--benchmarks", "gsm8k", "--data-dir", str(data), "--max-new-tokens", "2",
+                 "--backend", "transformers", "-o", str(tmp_path / "out")])
+    lines = [line for line in capsys.readouterr().err.splitlines() if "✗" in line or "Traceback" in line]
+    assert code == EXIT_RETRYABLE and lines == [f"✗ grpo eval {tiny_model_dir}: a grader worker could not start (exit code -9)"]

@@ -152,6 +152,7 @@ def evaluate(args: argparse.Namespace) -> int:
     from grpo_trainer.checkpoint import split_checkpoint_uri
     from grpo_trainer.data import DatasetError
     from grpo_trainer.evaluation import EvalSettings, load_benchmarks, print_table, run_evaluation
+    from grpo_trainer.grading import GraderStartError
     from grpo_trainer.model import ModelError, load_tokenizer, resolve_model_source
     from grpo_trainer.storage import StorageError, UnreachableError, open_storage
 
@@ -180,7 +181,7 @@ def evaluate(args: argparse.Namespace) -> int:
         results = run_evaluation(
             args.model, loaded, settings, storage, backend, tokenizer, step=checkpoint[1] if checkpoint else 0, console=console
         )
-    except UnreachableError as error:  # may pass: the Job retries
+    except (UnreachableError, GraderStartError) as error:  # may pass: the Job retries
         console.print(f"[red]✗[/red] grpo eval {args.model}: {error}")
         return EXIT_RETRYABLE
     except (DatasetError, ModelError, StorageError) as error:

@@ -131,6 +131,11 @@ _READY = "ready"
 _CACHE_STATS = "cache_stats"
 
 
+class GraderStartError(RuntimeError):
+    """No grader worker process could start (math-verify missing, or a machine too busy to start
+    one within its start-up bound): no verdict can be trusted, so nothing is graded."""
+
+
 @dataclass(frozen=True, slots=True)
 class Verdict:
     """The grade of one completion against one gold.
@@ -461,7 +466,7 @@ class Grader:
         """Grade ``completions[i]`` against ``golds[i]`` for every i, in parallel; input order.
 
         Never raises for a bad item: a non-string, a timeout or a crashed worker is a failed
-        verdict. Identical pairs are graded once. Raises RuntimeError only if no worker process can
+        verdict. Identical pairs are graded once. Raises GraderStartError only if no worker process can
         start at all (math-verify missing, say): no run should go on without its reward.
         """
         if len(completions) != len(golds):
@@ -562,7 +567,7 @@ class Grader:
         worker.kill()
         seconds = time.monotonic() - worker.started
         if not worker.ready:
-            raise RuntimeError(f"a grader worker could not start (exit code {worker.process.exitcode})")
+            raise GraderStartError(f"a grader worker could not start (exit code {worker.process.exitcode})")
         self._pool[slot] = self._start_worker()
         if not worker.pending:
             return 0
