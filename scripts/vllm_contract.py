@@ -123,7 +123,7 @@ def _body_and_query(function: ast.AsyncFunctionDef | ast.FunctionDef) -> tuple[l
     body, query = [], []
     arguments = function.args.args
     defaults = [None] * (len(arguments) - len(function.args.defaults)) + list(function.args.defaults)
-    for argument, default in zip(arguments, defaults):
+    for argument, default in zip(arguments, defaults, strict=True):
         declared = ast.unparse(argument.annotation) if argument.annotation else ""
         declared += " = " + ast.unparse(default) if default is not None else ""
         if "Body(" in declared:

@@ -3,8 +3,8 @@
 import sys
 
 import torch
-
 from engine_fixtures import MICRO_STEPS, batch, grpo_spec, tiny_model
+
 from grpo_trainer.engine import build_engine, init_distributed
 
 init_distributed()

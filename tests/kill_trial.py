@@ -127,7 +127,7 @@ def differences(reference: Path, resumed: Path) -> list[str]:
     steps, resumed_steps = [r["step"] for r in metrics(reference)], [r["step"] for r in metrics(resumed)]
     if steps != resumed_steps:
         problems.append(f"metrics steps {resumed_steps}, expected {steps}")
-    for ours, theirs in zip(metrics(reference), metrics(resumed)):
+    for ours, theirs in zip(metrics(reference), metrics(resumed), strict=True):
         if (ours["reward"], ours["entropy"]) != (theirs["reward"], theirs["entropy"]):
             problems.append(f"step {ours['step']}: reward, entropy {theirs['reward']}, {theirs['entropy']}, "
                             f"expected {ours['reward']}, {ours['entropy']}")

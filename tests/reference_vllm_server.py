@@ -111,14 +111,14 @@ class ReferenceServer:
             )
         choices = []
         for index, (ids, logprobs, truncated) in enumerate(
-            zip(rollouts.completion_ids, rollouts.sampler_logprobs, rollouts.truncated)
+            zip(rollouts.completion_ids, rollouts.sampler_logprobs, rollouts.truncated, strict=True)
         ):
             tokens = [f"token_id:{token}" for token in ids]
             choices.append({
                 "index": index,
                 "text": self.tokenizer.decode(ids),
                 "logprobs": {"text_offset": [], "token_logprobs": [max(lp, -9999.0) for lp in logprobs],
-                             "tokens": tokens, "top_logprobs": [{t: lp} for t, lp in zip(tokens, logprobs)]},
+                             "tokens": tokens, "top_logprobs": [{t: lp} for t, lp in zip(tokens, logprobs, strict=True)]},
                 "finish_reason": "length" if truncated else "stop",
                 "stop_reason": None if truncated or ids[-1] == self.tokenizer.eos_token_id else ids[-1],
                 "token_ids": ids if body.get("return_token_ids") else None,
@@ -213,7 +213,7 @@ class ReferenceServer:
         options = BroadcastOptions()
         options.rootRank = update_info.get("src", 0)
         entries = [(name, getattr(torch, dtype), shape) for name, dtype, shape in
-                   zip(update_info["names"], update_info["dtype_names"], update_info["shapes"])]
+                   zip(update_info["names"], update_info["dtype_names"], update_info["shapes"], strict=True)]
         while entries:
             chunk, size = [], 0
             while entries and size <= self.transfer["packed_buffer_size_bytes"]:
@@ -222,7 +222,7 @@ class ReferenceServer:
                 size += chunk[-1][3]
             buffer = torch.empty(size, dtype=torch.uint8)
             self.transfer["group"].broadcast([buffer], options).wait()
-            for (name, dtype, shape, _), part in zip(chunk, buffer.split([entry[3] for entry in chunk])):
+            for (name, dtype, shape, _), part in zip(chunk, buffer.split([entry[3] for entry in chunk]), strict=True):
                 self.received[name] = part.view(dtype).view(shape)
 
     def _collective_rpc(self, body: dict) -> dict:

@@ -20,7 +20,18 @@ import kubernetes
 import pytest
 import yaml
 from helm_chart import one, render
-from kube_emulator import CONFIGMAPS, GRPORUNS, NAMESPACES, PODS, ROLEBINDINGS, ROLES, SERVICEACCOUNTS, KubeEmulator, eventually, running_operator
+from kube_emulator import (
+    CONFIGMAPS,
+    GRPORUNS,
+    NAMESPACES,
+    PODS,
+    ROLEBINDINGS,
+    ROLES,
+    SERVICEACCOUNTS,
+    KubeEmulator,
+    eventually,
+    running_operator,
+)
 from rbac import Grant, Permissions, access_of, grants_of
 from test_operator import (
     NS,
@@ -87,7 +98,7 @@ async def test_the_operator_uses_every_grant_of_the_chart_and_is_refused_nothing
         report(kube, 2, "Running")
         for step in (10, 20):
             saved(kube, step)
-            await eventually(lambda: job_of(kube, step))
+            await eventually(lambda step=step: job_of(kube, step))
         kube.patch_object(GRPORUNS, NS, "run", {"spec": {"suspend": True}})
         await eventually(phase_is(kube, "Suspended"))
         kube.patch_object(GRPORUNS, NS, "run", {"spec": {"suspend": False}})
@@ -102,7 +113,8 @@ async def test_the_operator_uses_every_grant_of_the_chart_and_is_refused_nothing
     used = {kind(Grant(a.verb, a.group, a.resource, None)) for request in kube if (a := access_of(request))}
     run = state.validate_body({**manifest(), "metadata": {"name": "run", "namespace": NS, "uid": "u", "generation": 1}})
     for_the_trainer = {kind(grant) for grant in grants_of(manifests.role(run)["rules"], NS)}
-    assert {kind(grant) for grant in permissions.grants} == used | for_the_trainer, "granted = used + what the trainer's Role grants"
+    granted = {kind(grant) for grant in permissions.grants}
+    assert granted == used | for_the_trainer, "granted = used + what the trainer's Role grants"
     namespaced = {grant.namespace for grant in permissions.grants if grant.resource not in CLUSTER_SCOPED}
     assert namespaced == (set(values["watchNamespaces"]) if values else {None})
 
@@ -119,7 +131,7 @@ async def test_a_call_the_chart_does_not_grant_is_refused(kube: KubeEmulator):
         kube.create_object(GRPORUNS, manifest(), NS)
         await eventually(lambda: kube.denials)
     call, reason = kube.denials[0]
-    assert (call.verb, call.resource) == ("create", "pods") and f'cannot create resource "pods" in API group ""' in reason
+    assert (call.verb, call.resource) == ("create", "pods") and 'cannot create resource "pods" in API group ""' in reason
     assert pod_of(kube, 1) is None
 
 
@@ -199,8 +211,7 @@ async def test_the_operator_as_the_chart_deploys_it_runs_a_run_from_creation_to_
     log = stderr.decode()[-3000:]
     assert kube.denials == [], log
     names = manifests.resource_names("run")
-    leftovers = {(resource.plural, name) for resource, name in [(CONFIGMAPS, names.config_map), (SERVICEACCOUNTS, names.service_account),
-                                                               (ROLES, names.role), (ROLEBINDINGS, names.role_binding),
-                                                               (PODS, manifests.pod_name("run", 1))]
-                 if kube.read_object(resource, NS, name) is not None}
+    owned = [(CONFIGMAPS, names.config_map), (SERVICEACCOUNTS, names.service_account), (ROLES, names.role),
+             (ROLEBINDINGS, names.role_binding), (PODS, manifests.pod_name("run", 1))]
+    leftovers = {(resource.plural, name) for resource, name in owned if kube.read_object(resource, NS, name) is not None}
     assert leftovers == set(), log

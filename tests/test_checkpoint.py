@@ -21,17 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fixtures_s3 import (  # noqa: F401 (fixtures)
-    FAST,
-    FaultProxy,
-    MotoServer,
-    bucket,
-    corrupt,
-    fault_proxy,
-    moto_server,
-    s3_env,
-    storage,
-)
+from fixtures_s3 import FAST, FaultProxy, MotoServer, corrupt
 from kill_trial import child_env, differences, run_to_end, run_with_kills, train_command
 
 import grpo_trainer.checkpoint
@@ -188,7 +178,9 @@ def test_pruning_keeps_checkpoints_awaiting_evaluation_for_a_bounded_time_and_th
     assert sorted(store.evaluations()) == [1, 3, 6, 7], "evaluation results are never pruned"
 
 
-@pytest.mark.parametrize("evaluation", [EVERY.model_copy(update={"checkpoints": "final"}), EVERY.model_copy(update={"benchmarks": []}), None])
+@pytest.mark.parametrize(
+    "evaluation", [EVERY.model_copy(update={"checkpoints": "final"}), EVERY.model_copy(update={"benchmarks": []}), None]
+)
 def test_pruning_keeps_nothing_for_evaluation_unless_every_checkpoint_is_evaluated(tmp_path: Path, evaluation) -> None:
     storage = open_storage(f"file://{tmp_path / 'store'}")
     store = CheckpointStore(storage)
@@ -226,7 +218,8 @@ from pathlib import Path
 from grpo_trainer.checkpoint import CheckpointStore
 from grpo_trainer.storage import MiB, S3Options, open_storage
 uri, endpoint, staged = sys.argv[1:]
-store = CheckpointStore(open_storage(uri, endpoint_url=endpoint, s3_options=S3Options(multipart_chunksize=5 * MiB, max_concurrency=1)))
+options = S3Options(multipart_chunksize=5 * MiB, max_concurrency=1)
+store = CheckpointStore(open_storage(uri, endpoint_url=endpoint, s3_options=options))
 store.save(Path(staged), 2, world_size=1, score=None, keep_last=3)
 """
 
@@ -282,7 +275,8 @@ def test_a_store_that_fills_up_mid_save_keeps_the_earlier_checkpoint_and_nothing
         return move(self, source, key)
 
     monkeypatch.setattr(LocalStorage, "_move", second_file_fills_the_disk)
-    with pytest.raises(StorageFullError, match=rf"^cannot move .* to {store.storage.uri}/{checkpoint_prefix(2)}/.*: no space left on the filesystem at /"):
+    full = rf"^cannot move .* to {store.storage.uri}/{checkpoint_prefix(2)}/.*: no space left on the filesystem at /"
+    with pytest.raises(StorageFullError, match=full):
         save(store, tmp_path, 2)
     assert not (tmp_path / "staged-2").exists()  # the staging folder is gone...
     assert not (tmp_path / "store" / checkpoint_prefix(2)).exists()  # ...and so is the partial checkpoint

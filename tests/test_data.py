@@ -30,7 +30,6 @@ from grpo_trainer.model import ModelError
 from grpo_trainer.spec import DatasetSpec
 from grpo_trainer.validation import load_manifest
 
-
 REPO = Path(__file__).resolve().parent.parent
 
 ROWS = [
@@ -39,7 +38,11 @@ ROWS = [
     {"id": "c", "problem": "Unanswered?", "answer": None, "solution": "No box here."},
     {"id": "d", "problem": "What is 6 * 7?", "answer": " 42 ", "solution": None},
 ]
-EXPECTED = [Problem("a", "What is 2 + 3?", "5"), Problem("b", "What is half of 1?", "\\frac{1}{2}"), Problem("d", "What is 6 * 7?", "42")]
+EXPECTED = [
+    Problem("a", "What is 2 + 3?", "5"),
+    Problem("b", "What is half of 1?", "\\frac{1}{2}"),
+    Problem("d", "What is 6 * 7?", "42"),
+]
 
 
 def spec(source: str | Path, **fields) -> DatasetSpec:

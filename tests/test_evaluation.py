@@ -73,7 +73,8 @@ def test_bad_sets_name_the_file_and_row(tmp_path):
     with pytest.raises(DatasetError, match=r"aime24/test.jsonl: no column 'answer'"):
         load_benchmark("aime24", write_set(tmp_path / "a", "aime24", [{"problem": "x"}]))
     with pytest.raises(DatasetError, match=r"aime24/test.jsonl: row 2 has no 'problem' text"):
-        load_benchmark("aime24", write_set(tmp_path / "b", "aime24", [{"problem": "x", "answer": "1"}, {"problem": "", "answer": "2"}]))
+        rows = [{"problem": "x", "answer": "1"}, {"problem": "", "answer": "2"}]
+        load_benchmark("aime24", write_set(tmp_path / "b", "aime24", rows))
     with pytest.raises(DatasetError, match=r"test.jsonl does not exist"):
         load_benchmark("amc23", tmp_path / "nowhere")
     with pytest.raises(DatasetError, match=r"unknown benchmark 'aime25'"):
@@ -138,7 +139,7 @@ def test_transformers_backend_cuts_each_prompt_at_its_own_cap_and_is_reproducibl
     assert all(len(s.token_ids) <= 7 for s in first[0]) and all(len(s.token_ids) <= 3 for s in first[1])
     assert first[2] == [Sample([], truncated=True)] * 2  # no room: empty, counted as truncated
     assert all(s.truncated == (len(s.token_ids) == cap and tiny_tokenizer.eos_token_id not in s.token_ids)
-               for samples, cap in zip(first[:2], (7, 3)) for s in samples)
+               for samples, cap in zip(first[:2], (7, 3), strict=True) for s in samples)
     assert sum(advanced) == 4
     assert backend.sampler.prompts_per_batch == 2, "the batch size is the sampler's, not only the progress bar's"
     assert backend.generate(prompts, [7, 3, 0], settings, lambda n: None) == first
@@ -172,7 +173,8 @@ def install_fake_vllm(root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
                     ids = prompt["prompt_token_ids"]
                     tokens = [ids[0]] * min(p.fields["max_tokens"], 4)
                     reason = "length" if p.fields["max_tokens"] <= 4 else "stop"
-                    outputs.append(SimpleNamespace(outputs=[SimpleNamespace(token_ids=tokens, finish_reason=reason)] * p.fields["n"]))
+                    sample = SimpleNamespace(token_ids=tokens, finish_reason=reason)
+                    outputs.append(SimpleNamespace(outputs=[sample] * p.fields["n"]))
                 return outputs
     """))
     monkeypatch.syspath_prepend(str(root))
@@ -237,7 +239,9 @@ def test_a_run_writes_rows_summaries_and_scores_last(tmp_path, storage, tiny_tok
     from rich.console import Console
 
     with caplog.at_level("INFO", logger="grpo_trainer.evaluation"):
-        [result] = run_evaluation("m", loaded, settings, storage, Scripted(), tiny_tokenizer, step=50, console=Console(quiet=True))
+        [result] = run_evaluation(
+            "m", loaded, settings, storage, Scripted(), tiny_tokenizer, step=50, console=Console(quiet=True)
+        )
     assert "amc23: 6 of 6 samples" in caplog.text
     assert [o.key for o in storage.list_objects()] == ["amc23.json", "amc23.jsonl", "scores.json"]
     rows = [json.loads(line) for line in storage.get_bytes("amc23.jsonl").decode().splitlines()]

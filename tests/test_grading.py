@@ -289,7 +289,7 @@ def test_adversarial_completions_finish_within_the_bound_with_no_reward(grader):
     started = time.monotonic()
     verdicts = grader.verify_batch(list(ADVERSARIAL.values()), ["1"] * len(ADVERSARIAL))
     elapsed = time.monotonic() - started
-    for name, verdict in zip(ADVERSARIAL, verdicts):
+    for name, verdict in zip(ADVERSARIAL, verdicts, strict=True):
         assert not verdict.correct, name
         assert verdict.seconds <= TIMEOUT_S + 1.0, (name, verdict)
     # Two workers: at worst every item uses its full bound, two at a time.
@@ -353,7 +353,7 @@ def group_completion(answer: str, draw: int) -> str:
     return f"<think>\nAttempt {draw}: we compute.\n</think>\n<answer>\n{answer}\n</answer>"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def uncached_verdict(completion: str, gold: str) -> Verdict:
     return grade_here(completion, gold)  # this process never installs the worker caches
 
@@ -519,9 +519,9 @@ def test_every_benchmark_gold_verifies_against_itself(shared_data, default_grade
     wrong = default_grader.verify_batch([boxed(clearly_wrong(inner(gold))) for gold in golds], golds)
 
     assert all(v.reason is None for v in right + wrong), [v for v in right + wrong if v.reason]
-    failing = {(b, row["answer"]) for (b, row), verdict in zip(items, right) if not verdict.correct}
+    failing = {(b, row["answer"]) for (b, row), verdict in zip(items, right, strict=True) if not verdict.correct}
     assert failing == set(NOT_SELF_VERIFYING)
-    assert not [row["id"] for (_, row), verdict in zip(items, wrong) if verdict.correct]
+    assert not [row["id"] for (_, row), verdict in zip(items, wrong, strict=True) if verdict.correct]
 
 
 @pytest.mark.slow
@@ -529,7 +529,7 @@ def test_solution_golds_of_math500_and_minerva_verify(shared_data, default_grade
     """lighteval graded these two sets against the boxed answer of the worked solution."""
     items = [row for b in ("math500", "minerva") for row in rows(shared_data, b)]
     verdicts = default_grader.verify_batch([boxed(row["answer"]) for row in items], [row["solution"] for row in items])
-    failing = {row["answer"] for row, verdict in zip(items, verdicts) if not verdict.correct}
+    failing = {row["answer"] for row, verdict in zip(items, verdicts, strict=True) if not verdict.correct}
     assert failing == {answer for (b, answer) in NOT_SELF_VERIFYING if b == "math500"}
 
 
@@ -599,6 +599,6 @@ def test_paper_reading_against_boxed_gold_reading(shared_data):
         with Grader(workers=2, timeout_s=30, profile=profile) as grader:
             verdicts = grader.verify_batch([item[1] for item in items], [item[2] for item in items])
         assert all(verdict.reason is None for verdict in verdicts)
-        for (style, _, _), verdict in zip(items, verdicts):
+        for (style, _, _), verdict in zip(items, verdicts, strict=True):
             correct[style][reading] += verdict.correct
     assert {style: tuple(counts) for style, counts in correct.items()} == OLYMPIADBENCH_CORRECT

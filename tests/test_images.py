@@ -70,7 +70,10 @@ def test_the_operator_image_has_no_torch():
     assert not [requirement for requirement in PROJECT["dependencies"] + PROJECT["optional-dependencies"]["operator"]
                 if re.match(r"(torch|transformers|deepspeed|vllm)\b", requirement)]
     assert '"/src[operator]"' in (REPO / "images" / "operator.Dockerfile").read_text()
-    code = "import sys, grpo_trainer.cli, grpo_operator.handlers; print(sorted({'torch', 'transformers', 'datasets'} & set(sys.modules)))"
+    code = (
+        "import sys, grpo_trainer.cli, grpo_operator.handlers; "
+        "print(sorted({'torch', 'transformers', 'datasets'} & set(sys.modules)))"
+    )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60).stdout
     assert loaded.strip() == "[]", "grpo operator imports none of the trainer's heavy packages"
 

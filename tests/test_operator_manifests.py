@@ -293,7 +293,8 @@ def test_vllm_is_a_native_sidecar_on_loopback_that_the_trainer_reaches(run):
     trainer, sidecar = trainer_and_sidecar(manifests.pod(run, attempt=0))
     assert sidecar["restartPolicy"] == "Always"
     images = run.spec.resources.images
-    assert (sidecar["image"], trainer["image"]) == (images.vllm or DEFAULT_IMAGES["vllm"], images.trainer or DEFAULT_IMAGES["trainer"])
+    assert sidecar["image"] == (images.vllm or DEFAULT_IMAGES["vllm"])
+    assert trainer["image"] == (images.trainer or DEFAULT_IMAGES["trainer"])
     assert sidecar["imagePullPolicy"] == trainer["imagePullPolicy"] == run.spec.resources.images.pull_policy
     command, _ = served_command(run)
     assert "--host=127.0.0.1" in command
@@ -359,13 +360,17 @@ def test_both_containers_share_the_nccl_settings_weights_cross_over(run):
 
 
 def test_a_run_naming_no_images_gets_the_operators_and_one_naming_them_its_own():
-    configured = manifests.default_images({"GRPO_TRAINER_IMAGE": "mirror.local/trainer:1", "GRPO_VLLM_IMAGE": "mirror.local/vllm:1"})
+    environment = {"GRPO_TRAINER_IMAGE": "mirror.local/trainer:1", "GRPO_VLLM_IMAGE": "mirror.local/vllm:1"}
+    configured = manifests.default_images(environment)
     assert manifests.default_images({}) == DEFAULT_IMAGES
-    for name, expected in (("exp2", configured), ("own-images", {"trainer": "registry.local/trainer:fix", "vllm": "registry.local/vllm:fix"})):
+    own = {"trainer": "registry.local/trainer:fix", "vllm": "registry.local/vllm:fix"}
+    for name, expected in (("exp2", configured), ("own-images", own)):
         run = variant(name)
         trainer, sidecar = trainer_and_sidecar(manifests.pod(run, attempt=1, default_images=configured))
-        (evaluation,) = manifests.evaluation_job(run, checkpoint_of(run, 50), default_images=configured)["spec"]["template"]["spec"]["containers"]
-        assert (trainer["image"], sidecar["image"], evaluation["image"]) == (expected["trainer"], expected["vllm"], expected["vllm"]), name
+        job = manifests.evaluation_job(run, checkpoint_of(run, 50), default_images=configured)
+        (evaluation,) = job["spec"]["template"]["spec"]["containers"]
+        observed = (trainer["image"], sidecar["image"], evaluation["image"])
+        assert observed == (expected["trainer"], expected["vllm"], expected["vllm"]), name
 
 
 def test_shm_is_memory_backed_and_mounted_in_both_containers(run):
@@ -524,7 +529,8 @@ def test_evaluation_job_runs_on_the_runs_nodes_with_its_credentials_and_retries_
     assert job["spec"]["activeDeadlineSeconds"] == run.spec.evaluation.deadline_seconds == 21600
     assert manifests.evaluation_job(variant("evaluation"), checkpoint_of(run, 50))["spec"]["activeDeadlineSeconds"] == 3600
     fail_at_once, not_counted = job["spec"]["podFailurePolicy"]["rules"]
-    assert fail_at_once == {"action": "FailJob", "onExitCodes": {"containerName": "eval", "operator": "In", "values": [EXIT_INVALID]}}
+    exit_invalid = {"containerName": "eval", "operator": "In", "values": [EXIT_INVALID]}
+    assert fail_at_once == {"action": "FailJob", "onExitCodes": exit_invalid}
     assert not_counted == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
 
 

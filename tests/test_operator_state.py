@@ -32,8 +32,8 @@ from grpo_operator.state import (
     validate_body,
     watches_evaluations,
 )
-from grpo_trainer.spec import BENCHMARKS, BenchmarkScore, CheckpointRef, EvaluationSpec, GRPORun, GRPORunSpec, GRPORunStatus
 from grpo_trainer import validation
+from grpo_trainer.spec import BENCHMARKS, BenchmarkScore, CheckpointRef, EvaluationSpec, GRPORun, GRPORunSpec, GRPORunStatus
 from grpo_trainer.termination import EXIT_INVALID, EXIT_STORAGE_FULL, EXIT_WEIGHT_SYNC, MAX_BYTES, Outcome, TerminationMessage
 from grpo_trainer.validation import FieldError, cel_digest, load_manifest
 
@@ -277,8 +277,9 @@ CASES = [
          conditions={"Created": ("True", "PodCreated")}),
     Case("second failure: back off 20 s", SECOND_ATTEMPT_RUNNING, crashed(2), 4000, "Pending", attempt=3, restarts=2,
          events=("Error",), requeue=4020),
-    Case("failures beyond maxRestarts: Failed", SECOND_ATTEMPT_RUNNING, crashed(2), 4000, "Failed", spec=make_spec(max_restarts=1),
-         attempt=2, restarts=2, events=("BackoffLimitExceeded",), conditions={"Failed": ("True", "BackoffLimitExceeded")}),
+    Case("failures beyond maxRestarts: Failed", SECOND_ATTEMPT_RUNNING, crashed(2), 4000, "Failed",
+         spec=make_spec(max_restarts=1), attempt=2, restarts=2, events=("BackoffLimitExceeded",),
+         conditions={"Failed": ("True", "BackoffLimitExceeded")}),
     Case("maxRestarts 0: the first failure is final", RUNNING, oom(), 3600, "Failed", spec=make_spec(max_restarts=0),
          restarts=1, events=("BackoffLimitExceeded",)),
     Case("preempted: next attempt at once, not a failure", RUNNING, preempted(), 3600, "Pending", create=2, attempt=2,
@@ -304,15 +305,16 @@ CASES = [
          conditions={"Suspended": ("False", "Resumed"), "Created": ("True", "PodCreated")}),
     Case("unsuspended while stopping: not a failure", SUSPENDING, None, 150, "Pending", create=2, attempt=2, events=("Resumed",),
          conditions={"Suspended": ("False", "Resumed")}),
-    Case("deadline passed: stop the pod, Failed", RUNNING, training(), 3600, "Failed", spec=make_spec(active_deadline_seconds=3600),
-         delete=pod_name(NAME, 1), events=("DeadlineExceeded",), conditions={"Failed": ("True", "DeadlineExceeded")}),
+    Case("deadline passed: stop the pod, Failed", RUNNING, training(), 3600, "Failed",
+         spec=make_spec(active_deadline_seconds=3600), delete=pod_name(NAME, 1), events=("DeadlineExceeded",),
+         conditions={"Failed": ("True", "DeadlineExceeded")}),
     Case("deadline ahead: come back then", RUNNING, training(), 100, "Running", spec=make_spec(active_deadline_seconds=3600),
          requeue=3600),
     Case("deadline stopped while suspended", SUSPENDED_HISTORY, None, 9999, "Suspended",
          spec=make_spec(suspend=True, active_deadline_seconds=3600), attempt=2),
     Case("invalid spec: Failed, pod stopped", RUNNING, training(), 100, "Failed",
-         spec=[FieldError("spec.grpo.epsilonHigh", "must be at least epsilon")], delete=pod_name(NAME, 1), events=("InvalidSpec",),
-         conditions={"Failed": ("True", "InvalidSpec")}),
+         spec=[FieldError("spec.grpo.epsilonHigh", "must be at least epsilon")], delete=pod_name(NAME, 1),
+         events=("InvalidSpec",), conditions={"Failed": ("True", "InvalidSpec")}),
     Case("the handler died after creating pod 1: adopt it", [], unschedulable(), 5, "Pending", events=("Unschedulable",),
          conditions={"Created": ("True", "PodCreated"), "Running": ("False", "Unschedulable")}),
     Case("the handler died after creating pod 2: adopt it", RUNNING, training(2), 3600, "Running", attempt=2,
@@ -498,18 +500,21 @@ FAILED_INVALID = said("invalid", reason="CheckpointError", message="no complete 
         pytest.param([job(50, ("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit"))],
                      [eval_pod(50, i, phase="Failed", state=terminated(137 if i else 1, "OOMKilled" if i else "", LOG_TAIL))
                       for i in range(3)],
-                     "Failed", "BackoffLimitExceeded", "backoff limit; pod open-rs-exp2-eval-50-2 exited with code 137 (OOMKilled)",
-                     id="out of retries"),
+                     "Failed", "BackoffLimitExceeded",
+                     "backoff limit; pod open-rs-exp2-eval-50-2 exited with code 137 (OOMKilled)", id="out of retries"),
         pytest.param([job(50, ("Failed", "DeadlineExceeded", "Job was active longer than specified deadline"))], [eval_pod(50)],
                      "Failed", "DeadlineExceeded", "longer than specified deadline", id="deadline"),
         pytest.param([job(50, ("Failed", "PodFailurePolicy", "Container eval for pod x failed with exit code 2"))],
                      [eval_pod(50, phase="Failed", state=terminated(EXIT_INVALID, message=FAILED_INVALID))],
-                     "Failed", "PodFailurePolicy", "exit code 2; pod open-rs-exp2-eval-50-0 exited with code 2 (Error): no complete",
+                     "Failed", "PodFailurePolicy",
+                     "exit code 2; pod open-rs-exp2-eval-50-0 exited with code 2 (Error): no complete",
                      id="bad input fails at once"),
         pytest.param([job(50, ("Complete", "CompletionsReached", ""))], [eval_pod(50, phase="Succeeded", state=terminated(0))],
                      "Failed", "NoScores", "without a termination message", id="exit 0 without scores"),
-        pytest.param([job(50, ("Complete", "CompletionsReached", ""))], [evaluated(40, aime24=0.3) | {"metadata": eval_pod(50)["metadata"]}],
-                     "Failed", "InvalidScores", "scores of checkpoint step 40, not of step 50", id="scores of another checkpoint"),
+        pytest.param([job(50, ("Complete", "CompletionsReached", ""))],
+                     [evaluated(40, aime24=0.3) | {"metadata": eval_pod(50)["metadata"]}],
+                     "Failed", "InvalidScores", "scores of checkpoint step 40, not of step 50",
+                     id="scores of another checkpoint"),
     ],
 )
 def test_observe_evaluations_classifies_jobs_by_their_conditions_and_their_pods(jobs, pods, state, reason, says):
@@ -526,7 +531,8 @@ def test_watches_evaluations_only_while_jobs_may_exist_and_matter():
     assert not watches_evaluations(NO_EVALUATION, GRPORunStatus(phase="Evaluating"))
     assert not watches_evaluations(make_spec(evaluation=EvaluationSpec(benchmarks=[])), GRPORunStatus(phase="Evaluating"))
     assert not watches_evaluations([FieldError("spec.x", "bad")], GRPORunStatus(phase="Evaluating"))
-    assert [watches_evaluations(SPEC, GRPORunStatus(phase=p)) for p in ("Running", "Evaluating", "Succeeded")] == [False, True, False]
+    watched = [watches_evaluations(SPEC, GRPORunStatus(phase=p)) for p in ("Running", "Evaluating", "Succeeded")]
+    assert watched == [False, True, False]
     assert [watches_evaluations(EVERY, GRPORunStatus(phase=p)) for p in ("Running", "Failed", "Succeeded")] == [True, True, False]
 
 
@@ -628,7 +634,11 @@ def test_every_checkpoint_gets_one_job_while_training_goes_on():
     assert done.status.phase == "Evaluating" and [c.step for c in done.create_jobs] == [500]
     assert "evaluating step 200, step 500" in done.status.message
     jobs.append(job(500))
-    pods = [evaluated(100, aime24=0.2, math500=0.6), evaluated(200, aime24=0.5, math500=0.7), evaluated(500, aime24=0.4, math500=0.7)]
+    pods = [
+        evaluated(100, aime24=0.2, math500=0.6),
+        evaluated(200, aime24=0.5, math500=0.7),
+        evaluated(500, aime24=0.4, math500=0.7),
+    ]
     finished = decide_at(EVERY, done.status, completed(), jobs=jobs, pods=pods)
     assert finished.status.phase == "Succeeded" and finished.status.best_checkpoint.step == 200
     assert sorted({s.checkpoint_step for s in finished.status.evaluations}) == [100, 200, 500]

@@ -29,7 +29,7 @@ def test_groups_are_contiguous_and_completions_end_at_the_first_eos(model):
     rollouts = _sample(model)
     assert len(rollouts) == 6
     assert rollouts.prompt_ids == [[5, 6, 7]] * 3 + [[9, 10]] * 3
-    for ids, logprobs, truncated in zip(rollouts.completion_ids, rollouts.sampler_logprobs, rollouts.truncated):
+    for ids, logprobs, truncated in zip(rollouts.completion_ids, rollouts.sampler_logprobs, rollouts.truncated, strict=True):
         assert len(ids) == len(logprobs) and 1 <= len(ids) <= 12
         assert EOS not in ids[:-1]
         assert truncated == (ids[-1] != EOS)
@@ -53,7 +53,7 @@ def test_sampler_logprobs_equal_the_trainers_recomputation(model, temperature, p
     sampler = TransformersSampler(model, eos_token_ids=[EOS], pad_token_id=PAD, prompts_per_batch=prompts_per_batch)
     rollouts = sampler.generate([[5, 6, 7, 8, 9], [9, 10]], num_generations=2, max_new_tokens=8,
                                 temperature=temperature, top_p=1.0, seed=3)
-    for prompt, completion, reported in zip(rollouts.prompt_ids, rollouts.completion_ids, rollouts.sampler_logprobs):
+    for prompt, completion, reported in zip(rollouts.prompt_ids, rollouts.completion_ids, rollouts.sampler_logprobs, strict=True):
         ids = torch.tensor([prompt + completion])
         with torch.no_grad():
             logits = model(ids).logits[0, len(prompt) - 1 : -1].float() / temperature
@@ -86,4 +86,5 @@ def test_temperature_zero_is_greedy_whatever_the_seed(model):
     prompt = torch.tensor([[5, 6, 7]])
     first = model(prompt).logits[0, -1].argmax().item()
     assert greedy.completion_ids[0][0] == first
-    assert greedy.sampler_logprobs[0][0] == pytest.approx(torch.log_softmax(model(prompt).logits[0, -1], -1).max().item(), abs=1e-5)
+    most_likely = torch.log_softmax(model(prompt).logits[0, -1], -1).max().item()
+    assert greedy.sampler_logprobs[0][0] == pytest.approx(most_likely, abs=1e-5)

@@ -168,13 +168,17 @@ def test_defaults_are_the_open_rs_recipe():
     assert [(r.name, r.weight) for r in run.rewards] == [("format", 1.0), ("cosine", 2.0)]
     assert run.checkpoints.every_steps == 50
     evaluation = run.evaluation
-    assert (evaluation.checkpoints, evaluation.select_by, evaluation.deadline_seconds, evaluation.enabled) == ("final", "mean", 21600, True)
+    observed = (evaluation.checkpoints, evaluation.select_by, evaluation.deadline_seconds, evaluation.enabled)
+    assert observed == ("final", "mean", 21600, True)
     assert (run.rollout.backend, run.rollout.gpu_memory_utilization, run.rollout.max_model_len) == ("in-process", 0.7, None)
     assert run.dataset.system_prompt == spec.OPEN_RS_SYSTEM_PROMPT
 
 
 def test_spec_modules_do_not_import_torch():
-    code = "import sys, grpo_trainer.spec, grpo_trainer.validation, grpo_trainer.cli, grpo_operator.crd; print('torch' in sys.modules)"
+    code = (
+        "import sys, grpo_trainer.spec, grpo_trainer.validation, grpo_trainer.cli, grpo_operator.crd; "
+        "print('torch' in sys.modules)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
 
@@ -197,8 +201,10 @@ MALFORMED = [
     ("no-rewards", "spec.rewards", [], "spec.rewards", "at least 1", BOTH),
     ("unknown-reward", "spec.rewards.0.name", "accuracyy", "spec.rewards[0].name", "cosine", BOTH),
     ("weight-not-number", "spec.rewards.1.weight", "heavy", "spec.rewards[1].weight", "number", BOTH),
-    ("param-of-other-reward", "spec.rewards.0.params", {"maxLen": 100}, "spec.rewards[0].params.maxLen", "only to reward cosine", BOTH),
-    ("ngram-on-cosine", "spec.rewards.1.params.ngramSize", 3, "spec.rewards[1].params.ngramSize", "only to reward repetition", BOTH),
+    ("param-of-other-reward", "spec.rewards.0.params", {"maxLen": 100}, "spec.rewards[0].params.maxLen",
+     "only to reward cosine", BOTH),
+    ("ngram-on-cosine", "spec.rewards.1.params.ngramSize", 3, "spec.rewards[1].params.ngramSize",
+     "only to reward repetition", BOTH),
     ("zero-max-len", "spec.rewards.1.params.maxLen", 0, "spec.rewards[1].params.maxLen", "greater than or equal to 1", BOTH),
     ("bad-length-unit", "spec.rewards.1.params.lengthUnit", "bytes", "spec.rewards[1].params.lengthUnit", "tokens", BOTH),
     ("duplicate-reward", "spec.rewards.0.name", "cosine", "spec.rewards", "twice", BOTH),
@@ -235,7 +241,8 @@ MALFORMED = [
     ("memory-not-quantity", "spec.resources.memory", "lots", "spec.resources.memory", "pattern", BOTH),
     ("exists-with-value", "spec.resources.tolerations", [{"key": "gpu", "operator": "Exists", "value": "x"}],
      "spec.resources.tolerations[0].value", "Exists", BOTH),
-    ("bad-priority-class", "spec.resources.priorityClassName", "High_Priority", "spec.resources.priorityClassName", "pattern", BOTH),
+    ("bad-priority-class", "spec.resources.priorityClassName", "High_Priority", "spec.resources.priorityClassName",
+     "pattern", BOTH),
     ("gcs-storage", "spec.checkpoints.storage", "gs://bucket/x", "spec.checkpoints.storage", "pattern", BOTH),
     ("endpoint-without-s3", "spec.checkpoints", {"storage": "file:///data", "endpointUrl": "http://minio:9000"},
      "spec.checkpoints.endpointUrl", "s3://", BOTH),
@@ -289,7 +296,8 @@ def test_malformed_manifest_is_rejected_naming_the_field(case, admission):
     if crd_checks_it:
         _, errors = admission.admit(manifest)
         parent, _, leaf = field.rpartition(".")
-        assert any(error.startswith(field + ":") or (error.startswith(parent + ":") and leaf in error) for error in errors), errors
+        named = [e for e in errors if e.startswith(field + ":") or (e.startswith(parent + ":") and leaf in e)]
+        assert named, errors
 
 
 def test_every_problem_is_reported_not_just_the_first():

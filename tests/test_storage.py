@@ -14,21 +14,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from fixtures_s3 import (  # noqa: F401 (fixtures)
-    FAST,
-    MULTIPART_SIZE,
-    FaultProxy,
-    MotoServer,
-    bucket,
-    complete_multipart_upload,
-    corrupt,
-    fault_proxy,
-    get_object,
-    moto_server,
-    s3_env,
-    storage,
-    upload_part,
-)
+from fixtures_s3 import FAST, MULTIPART_SIZE, FaultProxy, MotoServer, complete_multipart_upload, corrupt, get_object, upload_part
+
 import grpo_trainer.storage
 from grpo_trainer.storage import (
     PARTIAL_PREFIX,
@@ -44,6 +31,7 @@ from grpo_trainer.storage import (
     UnreachableError,
     open_storage,
 )
+
 
 def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -176,7 +176,7 @@ def test_batched_log_probs_equal_each_sequence_on_its_own(tiny_model_dir):
     batch = _padded_batch(rollouts, pad_id=0, device=torch.device("cpu"))
     with torch.no_grad():
         logps, entropy = _completion_logps(model, batch, temperature=0.7)
-        for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+        for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
             logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1]
             log_probs = torch.log_softmax(logits / 0.7, dim=-1)
             expected = log_probs.gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)

@@ -119,7 +119,7 @@ def test_the_fixture_is_what_the_script_extracts_from_the_pinned_wheel():
 def test_a_local_checkpoint_is_served_from_its_path_without_a_revision(tmp_path):
     run = validate_manifest(run_manifest(rollout={"maxModelLen": 8192, "gpuMemoryUtilization": 0.85},
                                          resources={"gpus": 4, "trainerGpus": 2, "vllmGpus": 2}))
-    argv = serve_command(run, ModelLocation(source=f"s3://b/run/checkpoints/step-5", path=str(tmp_path)), port=9000).argv
+    argv = serve_command(run, ModelLocation(source="s3://b/run/checkpoints/step-5", path=str(tmp_path)), port=9000).argv
     assert argv[2] == str(tmp_path) and not any(a.startswith("--revision") for a in argv)
     assert {"--port=9000", "--max-model-len=8192", "--gpu-memory-utilization=0.85", "--tensor-parallel-size=2"} <= set(argv)
 

@@ -67,7 +67,7 @@ def test_server_logprobs_equal_the_trainers_recomputation(server_url, tiny_model
 
     assert len(rollouts) == 9 and rollouts.prompt_ids == [list(p) for p in PROMPTS for _ in range(3)]
     assert rollouts.weight_versions == ["default"]
-    for ids, truncated in zip(rollouts.completion_ids, rollouts.truncated):
+    for ids, truncated in zip(rollouts.completion_ids, rollouts.truncated, strict=True):
         assert 1 <= len(ids) <= 10 and tokenizer.eos_token_id not in ids[:-1]
         assert truncated == (ids[-1] != tokenizer.eos_token_id)
     model = load_model(location, tokenizer, dtype="float32", device="cpu").eval()

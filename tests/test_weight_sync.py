@@ -10,6 +10,8 @@ import urllib.request
 
 import pytest
 import torch
+from test_train import manifest
+from test_vllm_rollouts import PROMPTS, SAMPLING, reference_server
 
 from grpo_trainer.model import load_model, load_tokenizer, resolve_model_source
 from grpo_trainer.rollout import Rollouts, TransformersSampler
@@ -27,8 +29,6 @@ from grpo_trainer.weight_sync import (
     layer_order,
     packed_buffers,
 )
-from test_train import manifest
-from test_vllm_rollouts import PROMPTS, SAMPLING, reference_server
 
 pytestmark = pytest.mark.timeout(120)  # a hang fails the test instead of the suite
 TIMEOUT = 1.0  # seconds per sync call here; every fault below holds or breaks a call past it

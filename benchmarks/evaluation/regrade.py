@@ -28,7 +28,7 @@ from grpo_trainer.spec import BENCHMARKS
 
 def solution_rows(data_dir: Path, benchmark: str) -> list[dict]:
     rows = []
-    for problem, raw in zip(load_benchmark(benchmark, data_dir), _raw_rows(data_dir, benchmark)):
+    for problem, raw in zip(load_benchmark(benchmark, data_dir), _raw_rows(data_dir, benchmark), strict=True):
         completion = raw.get("solution") or f"The answer is $\\boxed{{{raw['answer']}}}$."
         rows.append({"completion": completion, "gold": problem.gold, "correct": None})
     return rows
@@ -57,7 +57,9 @@ def grade(benchmark: str, rows: list[dict], workers: int) -> dict:
         "cpu_s": round(cpu, 2),
         "cpu_s_per_1000": round(1000 * cpu / max(len(rows), 1), 1),
         "accuracy": round(sum(v.correct for v in verdicts) / max(len(rows), 1), 4),
-        "verdicts_changed_vs_stored": None if None in stored else sum(v.correct != c for v, c in zip(verdicts, stored)),
+        "verdicts_changed_vs_stored": (
+            None if None in stored else sum(v.correct != c for v, c in zip(verdicts, stored, strict=True))
+        ),
         "ungraded": sum(v.reason is not None for v in verdicts),
     }
 

@@ -70,7 +70,8 @@ def family_generators(real: list[str]):
 
     def python(rng):
         code = rng.choice(PYTHON).replace("{s}", str(SENTINEL))
-        return rng.choice(["\\boxed{%s}", "The final answer is $%s$", "answer: %s", "```python\n%s\n```\n\\boxed{%s}"]).replace("%s", code)
+        wrappers = ["\\boxed{%s}", "The final answer is $%s$", "answer: %s", "```python\n%s\n```\n\\boxed{%s}"]
+        return rng.choice(wrappers).replace("%s", code)
 
     def parens(rng):
         d = rng.choice([100, 10**4, 10**5])
@@ -130,7 +131,10 @@ def main() -> None:
 
     rng = random.Random(args.seed)
     rows = [row for benchmark in BENCHMARK_SETS for row in load_rows(args.data, benchmark)]
-    real = [f"<think>\n{row['solution'] or row['problem']}\n</think>\n<answer>\n$\\boxed{{{row['answer']}}}$\n</answer>" for row in rows[:500]]
+    real = [
+        f"<think>\n{row['solution'] or row['problem']}\n</think>\n<answer>\n$\\boxed{{{row['answer']}}}$\n</answer>"
+        for row in rows[:500]
+    ]
     hazards, hostile = family_generators(real)
     families = hazards | hostile
     names = [rng.choice(list(hazards if rng.random() < args.hazard_share else hostile)) for _ in range(args.count)]
@@ -148,7 +152,7 @@ def main() -> None:
 
     per_family = collections.defaultdict(lambda: collections.Counter())
     slowest = collections.defaultdict(float)
-    for name, verdict in zip(names, verdicts):
+    for name, verdict in zip(names, verdicts, strict=True):
         per_family[name][verdict.reason or ("correct" if verdict.correct else "wrong")] += 1
         slowest[name] = max(slowest[name], verdict.seconds)
     over_bound = [v for v in verdicts if v.seconds > args.timeout + SLACK_S]

@@ -104,7 +104,6 @@ def measure(side: str, what: str, workload: str, subset: str, data: Path, batch:
     warm = warm_up_pairs(data)
     if side == "reference":
         import open_rs_reference as ref
-
         from math_verify.parser import parse_latex_with_timeout  # math-verify's own 20-entry cache
 
         funcs = ref.open_rs_reward_funcs(["accuracy"] if what == "verdicts" else ["format", "cosine"])
@@ -113,9 +112,9 @@ def measure(side: str, what: str, workload: str, subset: str, data: Path, batch:
             cache_before = parse_latex_with_timeout.cache_info()
             started, cpu_started = time.perf_counter(), time.process_time()
             scores = [[] for _ in funcs]
-            for chunk_c, chunk_g in zip(batches(completions, batch), batches(golds, batch)):
+            for chunk_c, chunk_g in zip(batches(completions, batch), batches(golds, batch), strict=True):
                 prompts = [[{"role": "user", "content": "problem"}]] * len(chunk_c)
-                for out, func in zip(scores, funcs):
+                for out, func in zip(scores, funcs, strict=True):
                     out += func(prompts=prompts, completions=as_messages(chunk_c), solution=chunk_g)
             elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
             cache_after = parse_latex_with_timeout.cache_info()
@@ -128,13 +127,14 @@ def measure(side: str, what: str, workload: str, subset: str, data: Path, batch:
 
     with Grader(workers=workers, cache_entries=CACHE_ENTRIES if side == "ours" else 0) as grader:
         grader.verify_batch([c for c, _ in warm], [g for _, g in warm])
-        rewards = [RewardSpec(name="format"), RewardSpec(name="cosine", weight=2.0, params=RewardParams(length_unit="characters"))]
+        cosine = RewardSpec(name="cosine", weight=2.0, params=RewardParams(length_unit="characters"))
+        rewards = [RewardSpec(name="format"), cosine]
         scorer = RewardScorer(rewards, grader=grader)
         workers = [psutil.Process(worker.process.pid) for worker in grader._pool]  # to add up their CPU
         cache_before = grader.cache_stats()
         started, cpu_started = time.perf_counter(), time.process_time() + sum(map(cpu_seconds, workers))
         verdicts, scores = [], [[], []]
-        for chunk_c, chunk_g in zip(batches(completions, batch), batches(golds, batch)):
+        for chunk_c, chunk_g in zip(batches(completions, batch), batches(golds, batch), strict=True):
             if what == "verdicts":
                 verdicts += grader.verify_batch(chunk_c, chunk_g)
             else:
@@ -254,13 +254,14 @@ def report_workload(workload: str, data: Path, run) -> dict:
         "cached_cpu_s": ours["cpu_seconds"],
         "worker_rss_mb_uncached_cached": [uncached["worker_rss_mb"], ours["worker_rss_mb"]],
         "verdicts_that_differ": sum(
-            (a, b) != (c, d) for a, b, c, d in zip(ours["correct"], ours["reasons"], uncached["correct"], uncached["reasons"])
+            (a, b) != (c, d)
+            for a, b, c, d in zip(ours["correct"], ours["reasons"], uncached["correct"], uncached["reasons"], strict=True)
         ),
     }
 
     ref, ours = run(workload, "reference", "rewards"), run(workload, "ours", "rewards")
     report["rewards"] = timing(ref, ours) | {
-        "format_mismatches": sum(a != b for a, b in zip(ref["scores"][0], ours["scores"][0])),
+        "format_mismatches": sum(a != b for a, b in zip(ref["scores"][0], ours["scores"][0], strict=True)),
         "cosine_mismatches_on_compared_rows": sum(abs(ref["scores"][1][i] - ours["scores"][1][i]) > 1e-9 for i in compared),
     }
 

@@ -99,7 +99,8 @@ def _completion(kind: str, reasoning: str, answer: str, wrong: str, rng: random.
     if kind == "truncated":
         return f"<think>\n{reasoning[: rng.randint(len(reasoning) // 3, max(len(reasoning) // 3, len(reasoning) - 1))]}"
     if kind == "drift":
-        return _think(f"{reasoning[: len(reasoning) // 2]}\n所以我们得到这个结果，接下来验证一下答案是否正确。", f"答案是 $\\boxed{{{answer}}}$")
+        drifted = f"{reasoning[: len(reasoning) // 2]}\n所以我们得到这个结果，接下来验证一下答案是否正确。"
+        return _think(drifted, f"答案是 $\\boxed{{{answer}}}$")
     if kind == "bare":
         return f"Let me think step by step.\nFirst, we set up the equations.\nFinally, $\\boxed{{{answer}}}$"
     raise ValueError(kind)

@@ -27,7 +27,7 @@ def accuracy_reward(completions, solution, **kwargs):
     """Reward function that checks if the completion is the same as the ground truth."""
     contents = [completion[0]["content"] for completion in completions]
     rewards = []
-    for content, sol in zip(contents, solution):
+    for content, sol in zip(contents, solution, strict=False):
         gold_parsed = parse(
             sol,
             extraction_mode="first_match",
@@ -70,7 +70,8 @@ def accuracy_reward(completions, solution, **kwargs):
 
 
 def format_reward(completions, **kwargs):
-    """Reward function that checks if the reasoning process is enclosed within <think> and </think> tags, while the final answer is enclosed within <answer> and </answer> tags."""
+    """Reward function that checks if the reasoning process is enclosed within <think> and </think> tags,
+    while the final answer is enclosed within <answer> and </answer> tags."""
     pattern = r"^<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>$"
     completion_contents = [completion[0]["content"] for completion in completions]
     matches = [re.match(pattern, content, re.DOTALL | re.MULTILINE) for content in completion_contents]
@@ -112,7 +113,7 @@ def len_reward(completions, solution, **kwargs):
 
     # First check correctness of answers
     correctness = []
-    for content, sol in zip(contents, solution):
+    for content, sol in zip(contents, solution, strict=False):
         gold_parsed = parse(
             sol,
             extraction_mode="first_match",
@@ -154,7 +155,7 @@ def len_reward(completions, solution, **kwargs):
         return [0.0] * len(completions)
 
     rewards = []
-    for length, is_correct in zip(lengths, correctness):
+    for length, is_correct in zip(lengths, correctness, strict=False):
         lambda_val = 0.5 - (length - min_len) / (max_len - min_len)
 
         if is_correct:
@@ -179,7 +180,7 @@ def get_cosine_scaled_reward(
         contents = [completion[0]["content"] for completion in completions]
         rewards = []
 
-        for content, sol in zip(contents, solution):
+        for content, sol in zip(contents, solution, strict=False):
             gold_parsed = parse(sol, extraction_mode="first_match", extraction_config=[LatexExtractionConfig()])
             if len(gold_parsed) == 0:
                 rewards.append(1.0)  # Skip unparseable examples
@@ -235,7 +236,7 @@ def get_repetition_penalty_reward(ngram_size: int, max_penalty: float):
 
     def zipngram(text: str, ngram_size: int):
         words = text.lower().split()
-        return zip(*[words[i:] for i in range(ngram_size)])
+        return zip(*[words[i:] for i in range(ngram_size)], strict=False)
 
     def repetition_penalty_reward(completions, **kwargs) -> float:
         contents = [completion[0]["content"] for completion in completions]

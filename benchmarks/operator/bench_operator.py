@@ -49,8 +49,18 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))  # the emulator is a test fixture module
 
 from kube_emulator import (  # noqa: E402
-    CONFIGMAPS, EVENTS, GRPORUNS, PODS, ROLEBINDINGS, ROLES, SERVICEACCOUNTS, ApiCall, KubeEmulator, api_call,
-    emulated_cluster, terminated,
+    CONFIGMAPS,
+    EVENTS,
+    GRPORUNS,
+    PODS,
+    ROLEBINDINGS,
+    ROLES,
+    SERVICEACCOUNTS,
+    ApiCall,
+    KubeEmulator,
+    api_call,
+    emulated_cluster,
+    terminated,
 )
 
 from grpo_operator import manifests  # noqa: E402
@@ -193,7 +203,7 @@ async def apply_runs(kube: KubeEmulator, pid: int, runs: int, singles: int) -> R
                 latencies.append(now - waiting.pop(name))
             await asyncio.sleep(POLL_SECONDS)
         names += batch
-        await until(lambda: settled(kube, names), timeout=300)
+        await until(lambda names=names: settled(kube, names), timeout=300)
     await quiet(kube)
 
     done = process_status(pid)
@@ -242,7 +252,8 @@ def reside(kube: KubeEmulator, index: int) -> tuple[str, str, str]:
     body = kube.patch_object(GRPORUNS, NAMESPACE, name, {"status": status_patch({}, status)}, "status")
     if RESIDENT_STATES[index % 4] == "Succeeded":  # the trainer says how it ended in its termination message
         said = TerminationMessage(Outcome.COMPLETED, step=EXAMPLE["spec"]["grpo"]["maxSteps"]).to_json()
-        pod = kube.set_pod_status(NAMESPACE, pod["metadata"]["name"], "Succeeded", containers={"trainer": terminated(0, message=said)})
+        containers = {"trainer": terminated(0, message=said)}
+        pod = kube.set_pod_status(NAMESPACE, pod["metadata"]["name"], "Succeeded", containers=containers)
     elif RESIDENT_STATES[index % 4] != STATUS_STATES[index % 4]:
         pod = kube.set_pod_status(NAMESPACE, pod["metadata"]["name"], RESIDENT_STATES[index % 4])
     return name, pod["metadata"]["uid"], RESIDENT_STATES[index % 4]
@@ -371,11 +382,17 @@ async def main() -> None:
           f"load average {load[0]:.1f} before, {os.getloadavg()[0]:.1f} after")
     print()
     if args.restart:
-        print("| resident runs | operator start-up s | catch-up s | new runs | new run p50 ms | p95 ms | max ms | operator CPU s | operator calls / resident run |")
+        print(
+            "| resident runs | operator start-up s | catch-up s | new runs | new run p50 ms | p95 ms | max ms"
+            " | operator CPU s | operator calls / resident run |"
+        )
         print("|---|---|---|---|---|---|---|---|---|")
         print(restarted.row())
         return
-    print("| runs at once | applied | p50 ms | p95 ms | max ms | API calls / run | of them the reconcile's | most calls / run | operator RSS MiB idle → peak | operator CPU ms / run |")
+    print(
+        "| runs at once | applied | p50 ms | p95 ms | max ms | API calls / run | of them the reconcile's | most calls / run"
+        " | operator RSS MiB idle → peak | operator CPU ms / run |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for result in results:
         print(result.row())

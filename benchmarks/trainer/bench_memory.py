@@ -39,7 +39,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_vs_trl  # noqa: E402  (the two trainers' runs, shared)
 from bench_vs_trl import (  # noqa: E402
-    Settings, body, fixed_completions, in_fresh_process, random_model, run_ours, run_trl, save_model_dir,
+    Settings,
+    body,
+    fixed_completions,
+    in_fresh_process,
+    random_model,
+    run_ours,
+    run_trl,
+    save_model_dir,
     step_prompts,
 )
 

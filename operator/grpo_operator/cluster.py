@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import kubernetes
 
@@ -71,7 +71,7 @@ class Cluster:
     def read_run(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The GRPORun as stored now; None if it is gone."""
         try:
-            return self._runs.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, name)
+            return cast(dict[str, Any], self._runs.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, name))
         except ApiException as error:
             if error.status == 404:
                 return None
@@ -83,13 +83,13 @@ class Cluster:
         metadata = run["metadata"]
         owners = {metadata["uid"], *(job["metadata"]["uid"] for job in jobs)}
         response = self._core.list_namespaced_pod(metadata["namespace"], label_selector=_selector(run), _preload_content=False)
-        return _owned(json.loads(response.data)["items"], owners)
+        return _owned(_items(response), owners)
 
     def list_jobs(self, run: Mapping[str, Any]) -> list[dict[str, Any]]:
         """The run's evaluation Jobs: those with its label that it owns."""
         metadata = run["metadata"]
         response = self._batch.list_namespaced_job(metadata["namespace"], label_selector=_selector(run), _preload_content=False)
-        return _owned(json.loads(response.data)["items"], {metadata["uid"]})
+        return _owned(_items(response), {metadata["uid"]})
 
     def create(self, manifest: Mapping[str, Any]) -> bool:
         """Create an object; False if one of its name exists already."""
@@ -144,6 +144,12 @@ class Cluster:
 
 def _selector(run: Mapping[str, Any]) -> str:
     return ",".join(f"{key}={value}" for key, value in run_labels(run["metadata"]["name"]).items())
+
+
+def _items(response: Any) -> list[dict[str, Any]]:
+    """The items of a list made with _preload_content=False: urllib3's response, read as JSON without
+    building the client's models (the client's annotations name the models, not this)."""
+    return json.loads(response.data)["items"]
 
 
 def _owned(objects: list[dict[str, Any]], owners: set[str]) -> list[dict[str, Any]]:

@@ -142,7 +142,7 @@ def _add_field_defaults(node: dict[str, Any], model: type[APIModel]) -> None:
     for name, field in model.model_fields.items():
         if field.default_factory is None:
             continue
-        value = field.default_factory()
+        value = field.get_default(call_default_factory=True, validated_data={})
         if isinstance(value, BaseModel):
             default: Any = {}
         elif isinstance(value, list):

@@ -17,10 +17,9 @@ handlers return nothing, so kopf writes no results into the status either.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from operator import attrgetter
@@ -122,7 +121,8 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     configure(settings)
     memo.wakeups = {}  # (namespace, run name) → the asyncio.Event its loop sleeps on
     memo.checkpoints = {}  # (namespace, run name) → the step of the latest checkpoint a wake-up was for
-    memo.retry_delays = list(settings.networking.error_backoffs) or [1.0]
+    backoffs = settings.networking.error_backoffs
+    memo.retry_delays = (list(backoffs) if isinstance(backoffs, Iterable) else [backoffs]) or [1.0]
     memo.default_images = manifests.default_images(os.environ)
     memo.passes = Passes(PASS_WORKERS)
     if "cluster" not in memo:  # tests and benchmarks bring one connected to their API server
@@ -138,16 +138,17 @@ def cleanup(memo: kopf.Memo, **_: Any) -> None:
 # cancelled (the pass's thread finishes on its own). A deleted run keeps kopf's finalizer till then.
 @kopf.daemon(*RUNS, id="reconcile", cancellation_backoff=1.0, cancellation_timeout=5.0)
 async def reconcile_loop(
-    namespace: str,
+    namespace: str | None,
     name: str,
     body: kopf.Body,
     memo: kopf.Memo,
     stopped: kopf.DaemonStopped,
-    logger: logging.Logger,
+    logger: kopf.Logger,
     **_: Any,
 ) -> None:
     """A run's reconcile loop, from its creation (or the operator's start) until kopf stops it.
     ``body`` is the run as last watched: kopf updates a daemon's in place."""
+    assert namespace is not None  # GRPORuns are namespaced
     key = (namespace, name)
     wakeup = memo.wakeups[key] = asyncio.Event()
     validation = Validation()
@@ -182,7 +183,7 @@ def _new_generation(meta: Mapping[str, Any], status: Mapping[str, Any], **_: Any
 
 
 @kopf.on.event(*RUNS, when=_new_generation)
-async def wake_on_spec_change(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+async def wake_on_spec_change(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
     """A changed spec (spec.suspend, say): the run's loop reconciles now. Status updates, the
     operator's and the trainer's, change no generation and wake nothing."""
     _wake(memo, namespace, name)
@@ -194,7 +195,7 @@ def _evaluates_every_checkpoint(spec: Mapping[str, Any], **_: Any) -> bool:
 
 @kopf.on.event(*RUNS, when=_evaluates_every_checkpoint)
 async def wake_on_new_checkpoint(
-    namespace: str, name: str, status: Mapping[str, Any], memo: kopf.Memo, **_: Any
+    namespace: str | None, name: str, status: Mapping[str, Any], memo: kopf.Memo, **_: Any
 ) -> None:
     """The trainer reported a new checkpoint, which evaluation.checkpoints every evaluates: the
     run's loop reconciles now. Other status updates wake nothing."""
@@ -205,19 +206,19 @@ async def wake_on_new_checkpoint(
 
 
 @kopf.on.event(*PODS, labels=POD_LABELS)
-async def wake_on_pod_change(namespace: str, labels: Mapping[str, str], memo: kopf.Memo, **_: Any) -> None:
+async def wake_on_pod_change(namespace: str | None, labels: Mapping[str, str], memo: kopf.Memo, **_: Any) -> None:
     """A pod of a run (a trainer or an evaluation) was created, changed or deleted: its run's loop
     reconciles now."""
     _wake(memo, namespace, labels[RUN_LABEL])
 
 
 @kopf.on.event(*JOBS, labels=POD_LABELS)
-async def wake_on_job_change(namespace: str, labels: Mapping[str, str], memo: kopf.Memo, **_: Any) -> None:
+async def wake_on_job_change(namespace: str | None, labels: Mapping[str, str], memo: kopf.Memo, **_: Any) -> None:
     """An evaluation Job of a run changed (it finished, say): its run's loop reconciles now."""
     _wake(memo, namespace, labels[RUN_LABEL])
 
 
-def _wake(memo: kopf.Memo, namespace: str, name: str) -> None:
+def _wake(memo: kopf.Memo, namespace: str | None, name: str) -> None:
     wakeup = memo.wakeups.get((namespace, name))
     if wakeup is not None:  # none: the loop has not started yet, and will read the change when it does
         wakeup.set()
@@ -305,7 +306,8 @@ def reconcile(
     if change:
         cluster.patch_status(namespace, name, change)
     for event in decision.events:  # after the status: a pass killed in between loses one, posts none twice
-        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+        # kopf.event reads any mapping (the run as read); its annotation names kopf's own Body view
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)  # pyright: ignore[reportArgumentType]
     if decision.delete_run:
         cluster.delete_run(namespace, name)
     return decision.requeue_at
@@ -314,5 +316,5 @@ def reconcile(
 def status_patch(stored: Mapping[str, Any], decided: GRPORunStatus) -> dict[str, Any]:
     """The merge patch that takes the operator's fields of the status as stored to the decided ones
     (null removes a field); empty if they are the same."""
-    new = decided.model_dump(mode="json", by_alias=True, include=OPERATOR_STATUS_FIELDS)
+    new = decided.model_dump(mode="json", by_alias=True, include=set(OPERATOR_STATUS_FIELDS))
     return {key: value for key, value in new.items() if stored.get(key) != value}

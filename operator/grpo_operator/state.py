@@ -268,7 +268,7 @@ def observe_evaluations(
         metadata = job.get("metadata") or {}
         step = (metadata.get("labels") or {}).get(EVALUATION_LABEL, "")
         if step.isdigit():
-            owned = sorted(pods_of.get(metadata.get("uid"), []), key=_created)
+            owned = sorted(pods_of.get(metadata.get("uid", ""), []), key=_created)
             seen.append(_evaluation(job, int(step), owned))
     return tuple(sorted(seen, key=attrgetter("step")))
 
@@ -451,15 +451,14 @@ class _Draft:
 
     def set(self, kind: str, status: ConditionStatus, reason: str, message: str) -> None:
         """Set a condition; its lastTransitionTime moves only when its status flips from the stored one."""
-        value = status if isinstance(status, str) else str(status)
+        value: Literal["True", "False", "Unknown"] = status if isinstance(status, str) else "True" if status else "False"
         before = next((c for c in self.old.conditions if c.type == kind), None)
-        flipped = before is None or before.status != value
         self.conditions[kind] = Condition(
             type=kind,
             status=value,
             reason=reason,
             message=message,
-            last_transition_time=self.now if flipped else before.last_transition_time,
+            last_transition_time=self.now if before is None or before.status != value else before.last_transition_time,
             observed_generation=self.generation,
         )
 
@@ -666,7 +665,10 @@ def _close(spec: GRPORunSpec, d: _Draft, pod: PodObservation) -> None:
     d.restarts += 1
     failure = f"attempt {ended} failed: {pod.message}"
     if d.restarts > spec.max_restarts:
-        d.fail("BackoffLimitExceeded", f"{failure}; that is {d.restarts} failures, more than spec.maxRestarts ({spec.max_restarts})")
+        d.fail(
+            "BackoffLimitExceeded",
+            f"{failure}; that is {d.restarts} failures, more than spec.maxRestarts ({spec.max_restarts})",
+        )
         return
     d.attempt += 1
     at = d.now + backoff_delay(d.restarts)
@@ -705,9 +707,14 @@ def _evaluate(
         return
     failed = d.condition("EvaluationFailed")
     best = d.best_checkpoint
-    summary = f"best checkpoint: step {best.step} ({_scores_text(d, best.step)})" if best else "no checkpoint has every score selectBy needs"
+    summary = (
+        f"best checkpoint: step {best.step} ({_scores_text(d, best.step)})"
+        if best
+        else "no checkpoint has every score selectBy needs"
+    )
     if failed is not None and failed.status == "True":
-        d.succeed("Evaluated", f"{headline}trained and evaluated; {summary}; evaluations failed (condition EvaluationFailed)", warning=True)
+        message = f"{headline}trained and evaluated; {summary}; evaluations failed (condition EvaluationFailed)"
+        d.succeed("Evaluated", message, warning=True)
     else:
         d.succeed("Evaluated", f"{headline}trained and evaluated; {summary}")
 

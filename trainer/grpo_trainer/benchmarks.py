@@ -96,7 +96,8 @@ def load_benchmark(name: str, data_dir: Path | None = None, *, limit: int | None
     columns, rows = read_table(source)
     for column in (problem_column, spec.gold_column):
         if column not in columns:
-            raise DatasetError(f"{where}: no column {column!r} (benchmark {name}); its columns are {', '.join(columns) or '(none)'}")
+            known = ", ".join(columns) or "(none)"
+            raise DatasetError(f"{where}: no column {column!r} (benchmark {name}); its columns are {known}")
     rows = rows[:limit] if limit is not None else rows
     return [_problem(spec, row, index, problem_column, where) for index, row in enumerate(rows)]
 

@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from grpo_trainer.disk_space import describe, free_bytes, ran_out_of_space, same_filesystem
 from grpo_trainer.scores import EVALUATIONS_DIR, SCORES_FILE, best_step, parse_scores
 from grpo_trainer.spec import BenchmarkScore, EvaluationSpec
-from grpo_trainer.disk_space import describe, free_bytes, human, ran_out_of_space, same_filesystem
 from grpo_trainer.storage import (
     IntegrityError,
     LocalStorage,
@@ -143,7 +143,8 @@ class CheckpointStore:
                 continue
             missing = [name for name, entry in manifest.files.items() if sizes.get(f"{prefix}/{name}") != entry.size]
             if prefix != checkpoint_prefix(manifest.step) or missing:
-                logger.warning("skipping incomplete checkpoint %s: missing or short %s", self.storage.uri_for(prefix), missing[:3])
+                uri = self.storage.uri_for(prefix)
+                logger.warning("skipping incomplete checkpoint %s: missing or short %s", uri, missing[:3])
                 continue
             complete.append(manifest)
         return complete
@@ -203,10 +204,16 @@ class CheckpointStore:
         """file:// stores: the newest complete checkpoint that is intact and its folder in the store,
         to be read where it is (every file's digest checked there): a copy would take as much room
         again on the same volume."""
-        if not isinstance(self.storage, LocalStorage):
-            raise TypeError(f"{self.storage.uri}: only a file:// store can be read in place")
-        manifest = self._newest_intact(self._verify_in_place)
-        return None if manifest is None else (manifest, self.storage.root / checkpoint_prefix(manifest.step))
+        storage = self.storage
+        if not isinstance(storage, LocalStorage):
+            raise TypeError(f"{storage.uri}: only a file:// store can be read in place")
+
+        def verify_in_place(manifest: Manifest) -> None:
+            for name, entry in manifest.files.items():
+                storage.verify(f"{checkpoint_prefix(manifest.step)}/{name}", entry.sha256)
+
+        manifest = self._newest_intact(verify_in_place)
+        return None if manifest is None else (manifest, storage.root / checkpoint_prefix(manifest.step))
 
     def _newest_intact(self, fetch) -> Manifest | None:
         for manifest in self.manifests():
@@ -217,10 +224,6 @@ class CheckpointStore:
                 continue
             return manifest
         return None
-
-    def _verify_in_place(self, manifest: Manifest) -> None:
-        for name, entry in manifest.files.items():
-            self.storage.verify(f"{checkpoint_prefix(manifest.step)}/{name}", entry.sha256)
 
     def prune(self, keep_last: int, evaluation: EvaluationSpec | None = None, *, now: float | None = None) -> None:
         """Keep the newest ``keep_last`` complete checkpoints and the best-scoring one (mean reward);
@@ -369,11 +372,12 @@ def _write_together(write, local_dir: Path) -> None:
     if dist.get_rank() == 0:
         shutil.rmtree(local_dir, ignore_errors=True)
     if any(entry is not None and entry[1] for entry in failures):
-        raise StorageFullError(f"cannot write the staging folder {local_dir}: no space left on {describe(local_dir)}") from failure
+        message = f"cannot write the staging folder {local_dir}: no space left on {describe(local_dir)}"
+        raise StorageFullError(message) from failure
     if failure is not None:
         raise failure
-    first = next(rank for rank, entry in enumerate(failures) if entry is not None)
-    raise CheckpointWriteError(f"rank {first} could not write its share of the checkpoint in {local_dir}: {failures[first][0]}")
+    first, (reason, _) = next((rank, entry) for rank, entry in enumerate(failures) if entry is not None)
+    raise CheckpointWriteError(f"rank {first} could not write its share of the checkpoint in {local_dir}: {reason}")
 
 
 def restore(local_dir: Path, engine) -> TrainerState:

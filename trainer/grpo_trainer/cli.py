@@ -236,7 +236,9 @@ def crd(args: argparse.Namespace) -> int:
     if args.check:
         committed = Path(args.check).read_text(encoding="utf-8") if Path(args.check).exists() else ""
         if committed != text:
-            console.print(f"[red]✗[/red] {args.check} differs from the CRD generated from the spec; run: grpo crd -o {args.check}")
+            console.print(
+                f"[red]✗[/red] {args.check} differs from the CRD generated from the spec; run: grpo crd -o {args.check}"
+            )
             return 1
         console.print(f"[green]✓[/green] {args.check} is up to date")
     elif args.output:
@@ -277,8 +279,12 @@ def parser() -> argparse.ArgumentParser:
 
     command = commands.add_parser("train", help="train a GRPORun here (CPU, or GPUs under torchrun/deepspeed)")
     command.add_argument("manifest", metavar="RUN.yaml")
-    command.add_argument("--run-dir", metavar="DIR", help="local run directory: metrics.jsonl, and the checkpoints too when storage is file:// "
-                         "(default: the spec's file:// path, or the temporary directory)")
+    command.add_argument(
+        "--run-dir",
+        metavar="DIR",
+        help="local run directory: metrics.jsonl, and the checkpoints too when storage is file:// "
+        "(default: the spec's file:// path, or the temporary directory)",
+    )
     command.add_argument("--tensorboard", metavar="DIR", help="also write every step's numbers to DIR as TensorBoard scalars")
     command.set_defaults(handler=train)
 
@@ -286,20 +292,26 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("model", metavar="MODEL", help="hub id, local folder or .gguf, package://PKG/FILE, or s3://…/checkpoints/step-N")
     command.add_argument("--benchmarks", type=_benchmark_list, default=list(BENCHMARKS), metavar="A,B,…",
                          help=f"comma-separated, from {', '.join(EVAL_BENCHMARKS)} (default: the paper's five)")
-    command.add_argument("--samples-per-problem", "-k", type=_positive, default=1, metavar="K", help="samples per problem (default 1)")
+    command.add_argument(
+        "--samples-per-problem", "-k", type=_positive, default=1, metavar="K", help="samples per problem (default 1)"
+    )
     command.add_argument("--temperature", type=_non_negative, default=0.6, help="0 is greedy (default 0.6, the paper's)")
     command.add_argument("--top-p", type=_probability, default=0.95, help="nucleus (default 0.95, the paper's)")
     command.add_argument("--max-new-tokens", type=_positive, default=32768, metavar="N", help="default 32768, the paper's")
     command.add_argument("--max-model-len", type=_positive, default=32768, metavar="N",
                          help="prompt + completion stop here, as vLLM did for the paper (default 32768)")
     command.add_argument("--seed", type=int, default=1234, help="default 1234, lighteval's")
-    command.add_argument("--limit", type=_positive, metavar="N", help="only the first N problems of each benchmark (not comparable)")
+    command.add_argument(
+        "--limit", type=_positive, metavar="N", help="only the first N problems of each benchmark (not comparable)"
+    )
     command.add_argument("--output", "-o", default="evaluations", metavar="LOCATION",
                          help="folder or s3:// prefix for the rows, summaries and scores.json (default ./evaluations)")
     command.add_argument("--data-dir", metavar="DIR", help="read DIR/<benchmark>/test.jsonl instead of the hub")
     command.add_argument("--backend", choices=("vllm", "transformers"), help="default: vllm on an NVIDIA GPU, else transformers")
     command.add_argument("--gpus", type=_positive, default=1, help="vllm: one engine per GPU, prompts dealt out (default 1)")
-    command.add_argument("--batch-size", type=_positive, default=8, metavar="N", help="transformers: prompts per batch (default 8)")
+    command.add_argument(
+        "--batch-size", type=_positive, default=8, metavar="N", help="transformers: prompts per batch (default 8)"
+    )
     command.add_argument("--revision", default="main", help="hub revision of MODEL")
     command.add_argument("--endpoint-url", metavar="URL", help="S3-compatible endpoint for s3:// models and outputs")
     command.set_defaults(handler=evaluate)
@@ -331,7 +343,8 @@ def _benchmark_list(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in EVAL_BENCHMARKS]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown benchmark {', '.join(unknown) or '(none)'}; known: {', '.join(EVAL_BENCHMARKS)}")
+        named = ", ".join(unknown) or "(none)"
+        raise argparse.ArgumentTypeError(f"unknown benchmark {named}; known: {', '.join(EVAL_BENCHMARKS)}")
     return list(dict.fromkeys(names))
 
 

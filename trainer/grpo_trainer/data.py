@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from grpo_trainer.model import CACHE_DIR, check_chat_template, local_path
+from grpo_trainer.model import CACHE_DIR, chat_prompt, check_chat_template, local_path
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -251,7 +251,7 @@ def _read_saved_dataset(path: Path, split: str, source: str) -> tuple[list[str],
         raise DatasetError(f"{source}: {path} is not a directory written by save_to_disk: {err}") from err
     if isinstance(dataset, datasets.DatasetDict):
         if split not in dataset:
-            raise DatasetError(f"{source}: no split {split!r}; its splits are {_listed(dataset)} (set dataset.split)")
+            raise DatasetError(f"{source}: no split {split!r}; its splits are {_listed(str(name) for name in dataset)} (set dataset.split)")
         dataset = dataset[split]
     return dataset.column_names, dataset.to_list()
 
@@ -404,14 +404,12 @@ def build_prompts(
     those longer than ``max_prompt_length`` tokens are dropped and counted."""
     check_chat_template(tokenizer, tokenizer.name_or_path or "the tokenizer")
     conversations = [chat_messages(problem.question, system_prompt) for problem in problems]
-    texts = [
-        tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) for messages in conversations
-    ]
+    texts = [chat_prompt(tokenizer, messages) for messages in conversations]
     # The template writes every special token itself (a BOS included, where the model has one).
     token_ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     prompts = [
         Prompt(problem, messages, text, ids)
-        for problem, messages, text, ids in zip(problems, conversations, texts, token_ids)
+        for problem, messages, text, ids in zip(problems, conversations, texts, token_ids, strict=True)
         if len(ids) <= max_prompt_length
     ]
     dropped = len(problems) - len(prompts)

@@ -10,12 +10,14 @@ from __future__ import annotations
 import math
 import os
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from grpo_trainer.spec import GRPOSpec
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 CPU_BUCKET_ELEMENTS = 50_000_000
 """ZeRO's gradient bucket on CPU (200 MB in float32). DeepSpeed's default, 5e8 elements, is a 2 GB
@@ -46,21 +48,23 @@ def warmup_steps(grpo: GRPOSpec) -> int:
     return math.ceil(grpo.warmup_ratio * grpo.max_steps)
 
 
-def lr_scheduler(optimizer: torch.optim.Optimizer, grpo: GRPOSpec):
+def lr_scheduler(optimizer: torch.optim.Optimizer, grpo: GRPOSpec) -> torch.optim.lr_scheduler.LambdaLR:
     """The spec's schedule over max_steps optimizer steps, from transformers' own implementations."""
     from transformers import get_scheduler
 
     extra = {"min_lr_rate": grpo.min_lr_rate} if grpo.lr_scheduler == "cosine_with_min_lr" else {}
-    return get_scheduler(
+    scheduler = get_scheduler(
         grpo.lr_scheduler,
         optimizer,
         num_warmup_steps=warmup_steps(grpo),
         num_training_steps=grpo.max_steps,
         scheduler_specific_kwargs=extra,
     )
+    assert isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR)  # every schedule the spec allows is one
+    return scheduler
 
 
-def build_engine(model: torch.nn.Module, grpo: GRPOSpec):
+def build_engine(model: PreTrainedModel, grpo: GRPOSpec):
     """Wrap ``model`` in a DeepSpeed engine; torch.distributed must be initialised (see init_distributed)."""
     import deepspeed
 
@@ -77,7 +81,8 @@ def build_engine(model: torch.nn.Module, grpo: GRPOSpec):
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
-        lr_scheduler=lr_scheduler(optimizer, grpo),
+        # DeepSpeed annotates torch's deprecated _LRScheduler, and takes any LRScheduler
+        lr_scheduler=lr_scheduler(optimizer, grpo),  # pyright: ignore[reportArgumentType]
         config=deepspeed_config(grpo, on_gpu=on_gpu),
     )
     return engine

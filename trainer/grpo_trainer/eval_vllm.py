@@ -36,7 +36,7 @@ class VLLMBackend:
     def generate(
         self, prompts: Sequence[Sequence[int]], caps: Sequence[int], settings: EvalSettings, advance: Progress
     ) -> list[list[Sample]]:
-        work = [(index, list(prompt), cap) for index, (prompt, cap) in enumerate(zip(prompts, caps))]
+        work = [(index, list(prompt), cap) for index, (prompt, cap) in enumerate(zip(prompts, caps, strict=True))]
         if self.gpus == 1:
             results = _generate_shard(self.config, settings, work, gpu=None)
         else:
@@ -59,7 +59,7 @@ def _generate_shard(
     truncated samples (vLLM rejects max_tokens 0)."""
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    from vllm import LLM, SamplingParams
+    from vllm import LLM, SamplingParams  # pyright: ignore[reportMissingImports]  (in the vllm image only)
 
     runnable = [(index, prompt, cap) for index, prompt, cap in work if cap > 0]
     empty = [Sample([], truncated=True)] * settings.samples_per_problem
@@ -88,7 +88,7 @@ def _generate_shard(
         for index, _, cap in runnable
     ]
     outputs = llm.generate([{"prompt_token_ids": prompt} for _, prompt, _ in runnable], params, use_tqdm=True)
-    for (index, _, _), output in zip(runnable, outputs):
+    for (index, _, _), output in zip(runnable, outputs, strict=True):
         samples = [Sample(list(c.token_ids), truncated=c.finish_reason == "length") for c in output.outputs]
         results.append((index, samples))
     return results

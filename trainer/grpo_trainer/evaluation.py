@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from grpo_trainer.benchmarks import BenchmarkProblem, hash_examples, load_benchmark
+from grpo_trainer.model import chat_prompt
 from grpo_trainer.scores import SCORES_FILE, scores_json
 from grpo_trainer.spec import BenchmarkScore
 
@@ -135,10 +136,7 @@ def pass_at_1(rows: Sequence[dict[str, Any]]) -> tuple[float, int]:
 
 def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, problems: Sequence[BenchmarkProblem]) -> list[list[int]]:
     """Each problem as lighteval posed it with --use-chat-template to its vLLM model."""
-    texts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": p.query}], tokenize=False, add_generation_prompt=True)
-        for p in problems
-    ]
+    texts = [chat_prompt(tokenizer, [{"role": "user", "content": p.query}]) for p in problems]
     return tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
 
 
@@ -159,13 +157,13 @@ class TransformersBackend:
     """
 
     def __init__(self, model, tokenizer: PreTrainedTokenizerBase, prompts_per_batch: int = 8) -> None:
-        from grpo_trainer.model import eos_token_ids
+        from grpo_trainer.model import eos_token_ids, pad_token_id
         from grpo_trainer.rollout import TransformersSampler
 
         self.sampler = TransformersSampler(
             model,
             eos_token_ids=eos_token_ids(model, tokenizer),
-            pad_token_id=tokenizer.pad_token_id,
+            pad_token_id=pad_token_id(tokenizer),
             prompts_per_batch=prompts_per_batch,
         )
         self.prompts_per_batch = prompts_per_batch
@@ -186,7 +184,7 @@ class TransformersBackend:
                 top_p=settings.top_p,
                 seed=settings.seed + start,
             )
-            for row, (ids, truncated) in enumerate(zip(rollouts.completion_ids, rollouts.truncated)):
+            for row, (ids, truncated) in enumerate(zip(rollouts.completion_ids, rollouts.truncated, strict=True)):
                 index = batch[row // k]
                 cut = len(ids) > caps[index]
                 samples[index].append(Sample(ids[: caps[index]], truncated=truncated or cut))
@@ -212,12 +210,14 @@ def evaluate_benchmark(
     prompts = prompt_token_ids(tokenizer, problems)
     caps = token_caps(prompts, settings)
     if blocked := sum(cap == 0 for cap in caps):
-        logger.warning("%s: %d prompts are as long as maxModelLen (%d): their completions are empty", name, blocked, settings.max_model_len)
+        logger.warning(
+            "%s: %d prompts are as long as maxModelLen (%d): their completions are empty", name, blocked, settings.max_model_len
+        )
     samples = backend.generate(prompts, caps, settings, advance)
     generated = time.monotonic()
 
     rows = []
-    for problem, prompt_samples in zip(problems, samples):
+    for problem, prompt_samples in zip(problems, samples, strict=True):
         for index, sample in enumerate(prompt_samples):
             rows.append(
                 {
@@ -234,7 +234,7 @@ def evaluate_benchmark(
         verdicts = grader.verify_batch(completions, golds)
     with Grader(profile="lighteval-boxed-gold", timeout_s=GRADING_TIMEOUT_S) as grader:
         boxed_gold = grader.verify_batch(completions, golds)
-    for row, verdict, value_verdict in zip(rows, verdicts, boxed_gold):
+    for row, verdict, value_verdict in zip(rows, verdicts, boxed_gold, strict=True):
         row.update(answer=verdict.answer, correct=verdict.correct, reason=verdict.reason, boxedGoldCorrect=value_verdict.correct)
     graded = time.monotonic()
 
@@ -297,7 +297,9 @@ def run_evaluation(
     results = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as bar:
-        tasks = {name: bar.add_task(name, total=len(problems) * settings.samples_per_problem) for name, problems in loaded.items()}
+        tasks = {
+            name: bar.add_task(name, total=len(problems) * settings.samples_per_problem) for name, problems in loaded.items()
+        }
         for name, problems in loaded.items():
             advance = _Advance(bar, tasks[name], logged=not console.is_terminal)
             result = evaluate_benchmark(name, problems, tokenizer, backend, settings, advance)

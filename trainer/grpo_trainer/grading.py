@@ -81,11 +81,12 @@ import signal
 import threading
 import time
 from collections import Counter, OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from functools import cache, lru_cache
 from multiprocessing import connection
 from multiprocessing.context import BaseContext
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ _LIGHTEVAL_ALARM_S = 5  # multilingual_extractive_match_metric's timeout_seconds
 _MATH_VERIFY_ALARM_S = 3  # parse()'s and verify()'s defaults, which Open-RS's reward kept
 
 
-@lru_cache(maxsize=None)
+@cache
 def _extraction(profile: Profile) -> _Extraction:
     from latex2sympy2_extended import NormalizationConfig
     from math_verify import ExprExtractionConfig, LatexExtractionConfig
@@ -474,7 +475,7 @@ class Grader:
         verdicts: list[Verdict | None] = [None] * len(completions)
         first_of: dict[tuple[str, str], int] = {}
         todo: list[tuple[int, str, str]] = []
-        for index, (completion, gold) in enumerate(zip(completions, golds)):
+        for index, (completion, gold) in enumerate(zip(completions, golds, strict=True)):
             if not isinstance(completion, str) or not isinstance(gold, str):
                 verdicts[index] = Verdict(False, reason=INVALID_INPUT)
             elif (completion, gold) not in first_of:
@@ -483,7 +484,7 @@ class Grader:
         if todo:
             with self._lock:
                 self._run(todo, verdicts)
-        for index, (completion, gold) in enumerate(zip(completions, golds)):
+        for index, (completion, gold) in enumerate(zip(completions, golds, strict=True)):
             if verdicts[index] is None:
                 verdicts[index] = verdicts[first_of[completion, gold]]
         return verdicts  # type: ignore[return-value]

@@ -15,8 +15,9 @@ Every scan here is a single linear pass, whatever the text.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from lingua import Language, LanguageDetector
@@ -104,9 +105,9 @@ def language_consistency(completions: Sequence[str], language: str = "en") -> li
     detected = _detector().detect_languages_in_parallel_of(sentences) if sentences else []
     in_target = [0] * len(completions)
     judged = [0] * len(completions)
-    for owner, weight, found in zip(owners, weights, detected):
+    for owner, weight, found in zip(owners, weights, detected, strict=True):
         if found is None:  # lingua could not decide: the sentence is not judged
             continue
         judged[owner] += weight
         in_target[owner] += weight if found == target else 0
-    return [hits / total if total else 1.0 for hits, total in zip(in_target, judged)]
+    return [hits / total if total else 1.0 for hits, total in zip(in_target, judged, strict=True)]

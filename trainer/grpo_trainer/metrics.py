@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -110,7 +111,7 @@ class MetricsLog:
         total_steps: int,
         enabled: bool,
         show_progress: bool,
-        history: list[dict] = (),
+        history: Sequence[dict] = (),
         tensorboard_dir: Path | None = None,
     ):
         self.enabled = enabled

@@ -22,10 +22,11 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     import torch
+    from torch import nn
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
@@ -186,6 +187,20 @@ def training_dtype(requested: str, device: str | torch.device) -> torch.dtype | 
     return "auto" if requested == "auto" else getattr(torch, requested)
 
 
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
+    """The conversation as the text the model continues: its chat template, with the assistant's turn opened."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert isinstance(text, str)  # tokenize=False gives text
+    return text
+
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The pad token's id (load_tokenizer makes sure there is one)."""
+    pad = tokenizer.pad_token_id
+    assert isinstance(pad, int), f"the tokenizer has no single pad token: {pad!r}"
+    return pad
+
+
 def load_model(
     location: ModelLocation,
     tokenizer: PreTrainedTokenizerBase,
@@ -206,23 +221,26 @@ def load_model(
         # Unpacked into ordinary dense weights: packed GGUF blocks can be neither trained nor saved.
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
     try:
-        model = AutoModelForCausalLM.from_pretrained(location.path, dtype=torch_dtype, **kwargs)
+        model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(location.path, dtype=torch_dtype, **kwargs)
     except (OSError, ValueError) as err:
         raise _load_failed(location, "model", err) from err
-    vocab = model.get_input_embeddings().num_embeddings
+    vocab = cast("nn.Embedding", model.get_input_embeddings()).num_embeddings  # typed nn.Module in transformers
     if len(tokenizer) > vocab:
         raise ModelError(
             f"{location.source}: the tokenizer has {len(tokenizer)} tokens but the model embeds only {vocab}"
         )
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model.to(device)
+    # transformers' @wraps(Module.to) hides the bound method's signature from type checkers
+    return model.to(device)  # pyright: ignore[reportArgumentType]
 
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The tokens that end a completion: the tokenizer's EOS and the generation config's (as vLLM stops)."""
-    configured = model.generation_config.eos_token_id
-    configured = list(configured) if isinstance(configured, list | tuple) else [configured]
-    return sorted({tokenizer.eos_token_id, *configured} - {None})
+
+    def ids(configured: Any) -> list[int]:  # an id, a list of them, or None
+        return [i for i in (configured if isinstance(configured, list | tuple) else [configured]) if isinstance(i, int)]
+
+    return sorted({*ids(tokenizer.eos_token_id), *ids(model.generation_config.eos_token_id)})
 
 
 def _load_failed(location: ModelLocation, what: str, err: Exception) -> ModelError:

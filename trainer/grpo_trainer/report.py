@@ -43,9 +43,9 @@ def render(run_dir: Path, output: Path | None = None) -> Path:
     records = read_metrics(run_dir)
     panels = [(key, title) for key, title in PANELS if any(key in record for record in records)]
     figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    for axis, (key, title) in zip(axes[0], panels):
+    for axis, (key, title) in zip(axes[0], panels, strict=True):
         points = [(record["step"], record[key]) for record in records if key in record]
-        steps, values = zip(*points)
+        steps, values = zip(*points, strict=True)
         axis.plot(steps, values, linewidth=1, alpha=0.45, color="tab:blue")
         axis.plot(steps, _moving_average(values, max(1, len(values) // 10)), linewidth=2, color="tab:blue")
         axis.set_title(title)

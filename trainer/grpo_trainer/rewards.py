@@ -20,8 +20,9 @@ import logging
 import math
 import re
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any
 
 from grpo_trainer.grading import Grader, Verdict, get_grader
 from grpo_trainer.language import language_consistency, target_language
@@ -113,7 +114,7 @@ def length_rewards(lengths: Sequence[int], correct: Sequence[bool]) -> list[floa
     if shortest == longest:
         return [0.0] * len(lengths)
     rewards = []
-    for length, is_correct in zip(lengths, correct):
+    for length, is_correct in zip(lengths, correct, strict=True):
         relative = 0.5 - (length - shortest) / (longest - shortest)
         rewards.append(relative if is_correct else min(0.0, relative))
     return rewards
@@ -156,6 +157,19 @@ class _Step:
     completions: Sequence[str]
     verdicts: list[Verdict] | None
     token_counts: Sequence[int] | None
+
+    @property
+    def graded(self) -> list[Verdict]:
+        """The verdicts, which RewardScorer.score asks the grader for whenever a reward needs them."""
+        assert self.verdicts is not None, "a reward needs verdicts that were not asked for"
+        return self.verdicts
+
+    def lengths(self, unit: str) -> Sequence[int]:
+        """Each completion's length in tokens (which score requires for such a reward) or characters."""
+        if unit == "tokens":
+            assert self.token_counts is not None, "a reward counts tokens that were not passed"
+            return self.token_counts
+        return [len(c) if isinstance(c, str) else 0 for c in self.completions]
 
 
 _BatchReward = Callable[[_Step, Counter], list[float]]
@@ -224,7 +238,7 @@ def _checked_params(spec: RewardSpec) -> dict:
 def _batch_reward(name: str, params: dict) -> _BatchReward:
     """The reward as a function of the whole step."""
     if name == "accuracy":
-        return lambda step, failures: [accuracy_reward(verdict) for verdict in step.verdicts]
+        return lambda step, failures: [accuracy_reward(verdict) for verdict in step.graded]
     if name == "cosine":
         return _cosine_batch(**params)
     if name == "length":
@@ -252,24 +266,19 @@ def _each_completion(name: str, reward: Callable[..., float], params: dict, step
     return scores
 
 
-def _cosine_batch(length_unit: str, **params: float) -> _BatchReward:
+def _cosine_batch(length_unit: str, **params: Any) -> _BatchReward:
     def cosine(step: _Step, failures: Counter) -> list[float]:
-        if length_unit == "tokens":
-            lengths = step.token_counts
-        else:
-            lengths = [len(c) if isinstance(c, str) else 0 for c in step.completions]
         return [
             0.0 if verdict.reason else cosine_reward(verdict.correct, length, **params)
-            for verdict, length in zip(step.verdicts, lengths)
+            for verdict, length in zip(step.graded, step.lengths(length_unit), strict=True)
         ]
 
     return cosine
 
 
 def _length_batch(step: _Step, failures: Counter) -> list[float]:
-    lengths = [len(c) if isinstance(c, str) else 0 for c in step.completions]
-    scores = length_rewards(lengths, [verdict.correct for verdict in step.verdicts])
-    return [0.0 if verdict.reason else score for score, verdict in zip(scores, step.verdicts)]
+    scores = length_rewards(step.lengths("characters"), [verdict.correct for verdict in step.graded])
+    return [0.0 if verdict.reason else score for score, verdict in zip(scores, step.graded, strict=True)]
 
 
 def _language_batch(step: _Step, failures: Counter, language: str) -> list[float]:
@@ -277,9 +286,9 @@ def _language_batch(step: _Step, failures: Counter, language: str) -> list[float
     if not all(is_text):
         failures["language:not text"] += is_text.count(False)
     try:
-        scores = language_consistency([c if ok else "" for c, ok in zip(step.completions, is_text)], language)
+        scores = language_consistency([c if ok else "" for c, ok in zip(step.completions, is_text, strict=True)], language)
     except Exception as error:  # the detector itself failed: no completion is judged
         log.exception("reward language failed for the whole batch")
         failures[f"language:{type(error).__name__}"] += len(step.completions)
         return [0.0] * len(step.completions)
-    return [score if ok else 0.0 for score, ok in zip(scores, is_text)]
+    return [score if ok else 0.0 for score, ok in zip(scores, is_text, strict=True)]

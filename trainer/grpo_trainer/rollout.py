@@ -11,8 +11,9 @@ the sidecar reports, do renormalise over the nucleus: see docs/vllm-sidecar.md.)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 from transformers import DynamicCache
@@ -132,7 +133,7 @@ class TransformersSampler:
     def _collect(self, prompts, num_generations, tokens, logprobs, rollouts: Rollouts) -> None:
         """Cut each row after its first EOS and append it to ``rollouts``."""
         is_eos = torch.isin(tokens, torch.tensor(self.eos_token_ids, device=tokens.device, dtype=torch.long))
-        for row, (ids, logps) in enumerate(zip(tokens.tolist(), logprobs.tolist())):
+        for row, (ids, logps) in enumerate(zip(tokens.tolist(), logprobs.tolist(), strict=True)):
             eos_positions = is_eos[row].nonzero()
             length = int(eos_positions[0]) + 1 if len(eos_positions) else len(ids)
             rollouts.prompt_ids.append(prompts[row // num_generations])

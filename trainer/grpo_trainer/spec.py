@@ -390,12 +390,14 @@ class Images(APIModel):
     trainer: str | None = Field(
         default=None,
         min_length=1,
-        description=f"The trainer's image; unset: the operator's (the Helm chart's images values, by default {DEFAULT_IMAGES['trainer']}).",
+        description="The trainer's image; unset: the operator's (the Helm chart's images values, "
+        f"by default {DEFAULT_IMAGES['trainer']}).",
     )
     vllm: str | None = Field(
         default=None,
         min_length=1,
-        description=f"The vLLM sidecar's and evaluation Jobs' image; unset: the operator's (by default {DEFAULT_IMAGES['vllm']}).",
+        description="The vLLM sidecar's and evaluation Jobs' image; unset: the operator's "
+        f"(by default {DEFAULT_IMAGES['vllm']}).",
     )
     pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
 
@@ -522,7 +524,9 @@ class EvaluationSpec(APIModel):
     )
 
     cel_rules: ClassVar[tuple[CelRule, ...]] = (
-        CelRule("self.benchmarks.all(b, self.benchmarks.exists_one(c, c == b))", "must not repeat a benchmark", field=".benchmarks"),
+        CelRule(
+            "self.benchmarks.all(b, self.benchmarks.exists_one(c, c == b))", "must not repeat a benchmark", field=".benchmarks"
+        ),
         CelRule(
             "self.selectBy == 'mean' || self.selectBy in self.benchmarks",
             "must be mean or one of the benchmarks",

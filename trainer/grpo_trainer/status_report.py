@@ -57,16 +57,18 @@ def progress_of(
     step = record.get("step")
     remaining = max(total_steps - step, 0) if isinstance(step, int) else None
     eta = None if mean_step_seconds is None or remaining is None else round(mean_step_seconds * remaining)
-    return Progress(
-        step=step,
-        total_steps=total_steps,
-        reward=record.get("reward"),
-        accuracy=record.get("accuracy"),
-        completion_length=record.get("completions/mean_length"),
-        kl=record.get("kl"),
-        tokens_per_second=record.get("tokens_per_second"),
-        eta_seconds=eta,
-        last_update_time=now,
+    return Progress.model_validate(
+        {
+            "step": step,
+            "total_steps": total_steps,
+            "reward": record.get("reward"),
+            "accuracy": record.get("accuracy"),
+            "completion_length": record.get("completions/mean_length"),
+            "kl": record.get("kl"),
+            "tokens_per_second": record.get("tokens_per_second"),
+            "eta_seconds": eta,
+            "last_update_time": now,
+        }
     )
 
 
@@ -158,6 +160,7 @@ class StatusReporter:
                 name, ", ".join(missing),
             )
             return None
+        assert namespace and host and port  # each is in ``missing`` otherwise
         host = f"[{host}]" if ":" in host else host  # an IPv6 address
         return cls(
             f"https://{host}:{port}",

@@ -442,7 +442,7 @@ class S3Storage(Storage):
         self.endpoint_url = endpoint_url
         self.options = options
         with self._errors(self.uri):
-            self._session = boto3.session.Session()
+            self._session = boto3.Session()
             self._client = self._make_client(options.max_attempts)
 
     def _make_client(self, max_attempts: int) -> Any:

@@ -40,8 +40,8 @@ from grpo_trainer.logprobs import token_log_probs
 from grpo_trainer.loss import group_advantages, grpo_loss, mask_truncated_completions
 from grpo_trainer.metrics import MetricsLog, StepTimer
 from grpo_trainer.model import ModelError, eos_token_ids, load_model, load_tokenizer, resolve_model_source
-from grpo_trainer.rewards import RewardScorer
 from grpo_trainer.preemption import Preemption
+from grpo_trainer.rewards import RewardScorer
 from grpo_trainer.rollout import Rollouts, Sampler, TransformersSampler
 from grpo_trainer.spec import CheckpointSpec, GRPORun, RolloutSpec
 from grpo_trainer.status_report import StatusReporter
@@ -200,7 +200,7 @@ def train(
         if isinstance(sampler, ServerSampler):
             with timer("sync"):
                 pushed_again, current = _on_rank_0(
-                    lambda: (weight_sync.ensure_current(engine.module, str(step)), weight_sync.label)
+                    lambda step=step: (weight_sync.ensure_current(engine.module, str(step)), weight_sync.label)
                 )
         with timer("generate"):
             rollouts = sampler.generate(
@@ -229,7 +229,7 @@ def train(
         # After the last step no rollout follows: the final weights go to the checkpoint only.
         if isinstance(sampler, ServerSampler) and step < grpo.max_steps:
             with timer("sync"):
-                synced = _on_rank_0(lambda: weight_sync.push(engine.module, str(step)).record())
+                synced = _on_rank_0(lambda step=step: weight_sync.push(engine.module, str(step)).record())
         record = log.step(
             step,
             rewards=all_rewards,
@@ -315,7 +315,7 @@ def _optimize(engine, reference, rollouts: Rollouts, advantages, grpo, pad_token
                 step_metrics.setdefault(name, []).append(float(value))
     # Each rank's mean over its micro-batches, then the mean over ranks (each holds as many rows).
     means = torch.tensor([sum(values) / len(values) for values in step_metrics.values()], device=device)
-    metrics = dict(zip(step_metrics, (_all_reduce_sum(means) / world_size).tolist()))
+    metrics = dict(zip(step_metrics, (_all_reduce_sum(means) / world_size).tolist(), strict=True))
     if batch.sampler_logps is not None:
         if world_size > 1:
             dist.all_reduce(largest_difference, op=dist.ReduceOp.MAX)
@@ -434,7 +434,7 @@ def _padded_batch(rollouts: Rollouts, pad_id: int, device) -> Batch:
     input_ids = torch.full((rows, prompt_width + longest), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((rows, prompt_width + longest), dtype=torch.long)
     completion_mask = torch.zeros((rows, longest))
-    for row, (prompt, completion) in enumerate(zip(rollouts.prompt_ids, rollouts.completion_ids)):
+    for row, (prompt, completion) in enumerate(zip(rollouts.prompt_ids, rollouts.completion_ids, strict=True)):
         sequence = slice(prompt_width - len(prompt), prompt_width + len(completion))
         input_ids[row, sequence] = torch.tensor(prompt + completion)
         attention_mask[row, sequence] = 1

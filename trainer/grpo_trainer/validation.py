@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from grpo_trainer.spec import APIModel, GRPORun, GRPORunSpec
 
@@ -112,6 +113,7 @@ def _bounded_documents(text: str):
     try:
         while loader.check_node():
             node = loader.get_node()
+            assert node is not None  # check_node said a document follows
             if _expanded_size(node) > MAX_YAML_NODES:
                 raise _TooLarge(f"its aliases expand to more than {MAX_YAML_NODES:,} values; write the values out")
             yield loader.construct_document(node)
@@ -215,12 +217,12 @@ def _compiled(expression: str):
 
 
 def _cel_value(data: Any):
-    import celpy
+    from celpy.adapter import json_to_cel
 
-    return celpy.json_to_cel(data)
+    return json_to_cel(data)
 
 
-def _from_pydantic(error: dict[str, Any], manifest: dict[str, Any]) -> FieldError:
+def _from_pydantic(error: ErrorDetails, manifest: dict[str, Any]) -> FieldError:
     location = list(error["loc"])
     path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in location).lstrip(".")
     kind = error["type"]

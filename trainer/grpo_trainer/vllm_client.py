@@ -17,8 +17,9 @@ import os
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from typing import Any, Sequence
+from typing import Any
 
 from grpo_trainer.rollout import Rollouts
 from grpo_trainer.spec import RolloutSpec
@@ -139,7 +140,7 @@ class ServerSampler:
         ]
         responses = self._post_all(bodies)
         rollouts = Rollouts([], [], [], [], weight_versions=[])
-        for prompt, response in zip(prompts, responses):
+        for prompt, response in zip(prompts, responses, strict=True):
             self._collect(list(prompt), response, num_generations, rollouts)
         return rollouts
 

@@ -115,7 +115,7 @@ def check_installed_vllm() -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="python -m grpo_trainer.vllm_server", description=__doc__.splitlines()[0])
+    root = argparse.ArgumentParser(prog="python -m grpo_trainer.vllm_server", description=(__doc__ or "").splitlines()[0])
     root.add_argument("manifest", help="the GRPORun manifest the trainer reads")
     root.add_argument("--port", type=int, default=DEFAULT_PORT, help="loopback port to serve on")
     return root
