@@ -38,10 +38,10 @@ class ScriptedNccl:
     COMM = 0xC0FFEE
 
     def __init__(self, *, formed: Callable[[], bool] = lambda: True,
-                 completes: Callable[[tuple], bool] = lambda call: True):
+                 completes: Callable[[tuple], bool] = lambda call: True, calls: list | None = None):
         self.formed = formed
         self.completes = completes
-        self.calls: list[tuple] = []
+        self.calls: list[tuple] = [] if calls is None else calls  # a test may share it with its server's log
         self.sent: list[bytes] = []
         self.failure: int | None = None  # an ncclResult_t the communicator reports from now on
         self.enqueue_polls = 0  # how many polls after a collective say ncclInProgress before it is enqueued
@@ -87,8 +87,9 @@ class ScriptedNccl:
         return self
 
     def record_event(self) -> ScriptedEvent:
-        call = self.calls[-1]
+        call = next(call for call in reversed(self.calls) if call[0] in ("ncclAllReduce", "ncclBroadcast"))
         return ScriptedEvent(lambda: self.completes(call))
 
     def names(self) -> list[str]:
-        return [call[0] for call in self.calls]
+        """The NCCL functions called, in order."""
+        return [call[0] for call in self.calls if call[0].startswith("nccl")]
