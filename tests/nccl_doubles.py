@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import ctypes
-from typing import Callable
+from collections.abc import Callable
 
 from grpo_trainer.nccl import IN_PROGRESS, SUCCESS
 

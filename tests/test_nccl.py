@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from nccl_doubles import UNIQUE_ID, ScriptedNccl, vllm_unique_id_decoder
 
 from grpo_trainer import nccl
 from grpo_trainer.nccl import (
     FLOAT32,
-    IN_PROGRESS,
     SUM,
     UINT8,
     NcclError,
@@ -33,7 +33,6 @@ from grpo_trainer.nccl import (
     find_library,
     version_name,
 )
-from nccl_doubles import UNIQUE_ID, ScriptedNccl, vllm_unique_id_decoder
 
 pytestmark = pytest.mark.timeout(60)
 CONTRACT = json.loads((Path(__file__).parent / "fixtures" / "vllm-0.34.0-contract.json").read_text())

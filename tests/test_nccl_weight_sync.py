@@ -24,9 +24,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import torch
+from nccl_doubles import UNIQUE_ID, ScriptedNccl, vllm_unique_id_decoder
 
 from grpo_trainer.weight_sync import NcclFormation, PackedBroadcast, ShmSafetensors, WeightSync, default_transports
-from nccl_doubles import UNIQUE_ID, ScriptedNccl, vllm_unique_id_decoder
 
 pytestmark = pytest.mark.timeout(60)
 CONTRACT = json.loads((Path(__file__).parent / "fixtures" / "vllm-0.34.0-contract.json").read_text())
@@ -110,7 +110,7 @@ class FakeVllm:
         if unknown:
             return 400, {"error": f"update_info has no fields {unknown}"}
         expected = sum(math.prod(shape) * getattr(torch, dtype).itemsize
-                       for dtype, shape in zip(update_info["dtype_names"], update_info["shapes"]))
+                       for dtype, shape in zip(update_info["dtype_names"], update_info["shapes"], strict=True))
         self.receiving.set()
         if not _eventually(lambda: sum(map(len, self.nccl.sent[self.update_starts_at:])) == expected):
             return 500, {"error": "the broadcast never came"}

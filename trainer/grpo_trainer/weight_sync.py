@@ -267,6 +267,7 @@ class NcclFormation:
 
     def join(self, abandoned) -> NcclGroup:
         group, self.forming = self.forming, None
+        assert group is not None, "join() without open()"
         group.wait_formed(abandoned)
         group.warm_up()
         return group
@@ -289,7 +290,8 @@ class PackedBroadcast:
 
     def push(self, calls, weights, version) -> int:
         if self.group is None:
-            self._connect(calls)
+            self.group = self._connect(calls)
+        group = self.group
         calls.post(START_UPDATE_ROUTE)
         update_info = {
             "names": [name for name, _ in weights],
@@ -300,7 +302,7 @@ class PackedBroadcast:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="update-weights") as pool:
             answered = pool.submit(calls.post, UPDATE_WEIGHTS_ROUTE, {"update_info": update_info})
             try:
-                sent = self._broadcast(weights)
+                sent = self._broadcast(group, weights)
             except PhaseFailed:
                 _raise_refusal(answered)
                 raise
@@ -308,7 +310,7 @@ class PackedBroadcast:
         calls.post(FINISH_UPDATE_ROUTE, {"weight_version": version})
         return sent
 
-    def _connect(self, calls: ServerCalls) -> None:
+    def _connect(self, calls: ServerCalls) -> BroadcastGroup:
         """Open this side's rendezvous, then ask the server to join it while the group forms: both
         sides must be in the rendezvous at once."""
         try:
@@ -336,9 +338,9 @@ class PackedBroadcast:
             except PhaseFailed:
                 group.close()
                 raise
-        self.group = group
+        return group
 
-    def _broadcast(self, weights) -> int:
+    def _broadcast(self, group: BroadcastGroup, weights) -> int:
         """Send the packed buffers from rank 0, at most ``num_buffers`` on the wire at once."""
         in_flight: deque = deque()
         sent = 0
@@ -346,7 +348,7 @@ class PackedBroadcast:
             for buffer in packed_buffers(weights, self.buffer_bytes):
                 if len(in_flight) == self.num_buffers:
                     in_flight.popleft().wait()
-                in_flight.append(self.group.broadcast(buffer))
+                in_flight.append(group.broadcast(buffer))
                 sent += buffer.numel()
             while in_flight:
                 in_flight.popleft().wait()
@@ -366,8 +368,9 @@ class PackedBroadcast:
 def _raise_refusal(call: Future) -> None:
     """The server's refusal of the call beside a group operation (an engine without a group, say)
     says more than the group's own failure: raise it, when the call has already failed."""
-    if call.done() and call.exception() is not None:
-        raise call.exception() from None
+    refusal = call.exception() if call.done() else None
+    if refusal is not None:
+        raise refusal from None
 
 
 class ShmSafetensors:
