@@ -202,3 +202,14 @@ def test_an_error_nccl_reports_while_waiting_aborts_naming_it():
         pending.wait()
     assert scripted.names()[-1] == "ncclCommAbort"
 
+
+def test_a_collective_nccl_refuses_at_once_aborts_the_communicator():
+    scripted = ScriptedNccl()
+
+    def refuse(*arguments):
+        raise NcclError("ncclBroadcast: invalid usage")
+
+    scripted.broadcast = refuse
+    with pytest.raises(NcclError, match=r"^ncclBroadcast: invalid usage; communicator aborted$"):
+        group(scripted).broadcast(torch.zeros(4, dtype=torch.uint8))
+    assert scripted.names()[-1] == "ncclCommAbort"

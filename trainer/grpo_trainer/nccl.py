@@ -253,14 +253,18 @@ class NcclGroup:
                       lambda stream: self.library.all_reduce(data.data_ptr(), 1, FLOAT32, SUM, self.comm, stream)).wait()
 
     def broadcast(self, buffer: torch.Tensor) -> PendingCollective:
-        """Send a uint8 ``buffer`` from rank 0 to the other ranks."""
+        """Send a uint8 ``buffer`` from rank 0 (the sender's rank) to the other ranks."""
         return self._enqueue("ncclBroadcast", buffer, lambda stream: self.library.broadcast(
             buffer.data_ptr(), buffer.numel(), UINT8, 0, self.comm, stream))
 
     def _enqueue(self, what: str, buffer: torch.Tensor, call: Callable[[int], int]) -> PendingCollective:
         self._require(what)
         stream = self.current_stream()
-        call(stream.cuda_stream)
+        try:
+            call(stream.cuda_stream)
+        except NcclError as error:
+            self.abort()
+            raise NcclError(f"{error}; communicator aborted") from None
         self._wait(what)  # a non-blocking call may return before it is enqueued
         done = stream.record_event()
         return PendingCollective(lambda: self._wait(what, done=done.query), buffer)
