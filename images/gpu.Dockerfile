@@ -3,7 +3,8 @@
 # and target `vllm` (the generation sidecar, `python -m grpo_trainer.vllm_server`, and the
 # evaluation Jobs, `grpo eval`), each from its own Python environment. They cannot share one:
 # vLLM 0.34.0 pins torch==2.14.0 and transformers<5.23, the trainer needs transformers>=5.25. The
-# trainer needs no vLLM: it talks to the sidecar over HTTP and sends weights with torch.distributed.
+# trainer needs no vLLM: it talks to the sidecar over HTTP and sends weights over NCCL itself
+# (grpo_trainer.nccl loads the libnccl.so.2 of torch's nvidia-nccl-cu* dependency).
 # CUDA comes with PyTorch's wheels and the driver from the node, so the base is plain Python.
 # Built from the repository root by scripts/build-images.sh.
 FROM python:3.12.11-slim-bookworm AS sources

@@ -5,8 +5,8 @@
 
 The wheel's source is parsed, never imported (vLLM needs CUDA and a long list of packages), so this
 runs anywhere with the standard library. The fixture it writes is committed: on a version bump,
-regenerate it and read the diff, which shows every route, request field, response field, flag and
-weight-transfer field that changed. tests/test_vllm_contract.py checks our requests and the
+regenerate it and read the diff, which shows every route, request field, response field, flag,
+weight-transfer field and NCCL signature that changed. tests/test_vllm_contract.py checks our requests and the
 sidecar's command line against the committed fixture.
 """
 
@@ -56,6 +56,16 @@ FRONTEND_ARG_CLASSES = ("BaseFrontendArgs", "FrontendArgs")
 # Worker methods the trainer calls through /collective_rpc, and the file of the class defining them.
 WORKER = ("vllm/v1/worker/gpu_worker.py", "Worker")
 WORKER_METHODS = ("reload_weights",)
+
+# NCCL as vLLM's workers use it when a trainer joins them by nccl_unique_id_b64: the unique id's size
+# and the C signatures of the functions the trainer's sender calls (pynccl_wrapper.py; the sender
+# uses ncclCommInitRankConfig, whose first four parameters are ncclCommInitRank's), the warm-up
+# collective each peer issues after ncclCommInitRank (pynccl.py), and the function that parses the id.
+PYNCCL_WRAPPER = "vllm/distributed/device_communicators/pynccl_wrapper.py"
+PYNCCL = ("vllm/distributed/device_communicators/pynccl.py", "PyNcclCommunicator", "_init_comm")
+NCCL_FUNCTIONS = ("ncclGetErrorString", "ncclGetLastError", "ncclGetVersion", "ncclGetUniqueId", "ncclCommInitRank",
+                  "ncclAllReduce", "ncclBroadcast", "ncclCommAbort")
+UNIQUE_ID_DECODER = ("vllm/distributed/weight_transfer/nccl_common.py", "decode_nccl_unique_id")
 
 ENVIRONMENT_VARIABLES = ("VLLM_SERVER_DEV_MODE",)
 SHARED_REQUIREMENTS = {"torch", "transformers"}
@@ -234,6 +244,65 @@ def _initial_weight_version(wheel: zipfile.ZipFile) -> str:
     raise ContractError(f"{path}: EngineCore.__init__ sets no _weight_version")
 
 
+def _function(module: ast.Module, name: str, path: str) -> ast.FunctionDef:
+    for node in ast.walk(module):
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            return node
+    raise ContractError(f"{path}: no function {name}")
+
+
+def _nccl_unique_id_bytes(module: ast.Module) -> int:
+    """The size of vLLM's ``ncclUniqueId``: its one field, ``ctypes.c_byte * N``."""
+    for node in _class(module, "ncclUniqueId", PYNCCL_WRAPPER).body:
+        if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "_fields_" and len(node.value.elts) == 1:
+            _, field_type = node.value.elts[0].elts
+            if isinstance(field_type, ast.BinOp) and ast.unparse(field_type.left) == "ctypes.c_byte":
+                return _evaluate(field_type.right)
+    raise ContractError(f"{PYNCCL_WRAPPER}: ncclUniqueId is not one field of ctypes.c_byte * N")
+
+
+def _nccl_signatures(module: ast.Module) -> dict[str, dict]:
+    """``Function(name, restype, [argtypes])`` of NCCLLibrary.exported_functions, as written."""
+    signatures = {}
+    for node in ast.walk(_class(module, "NCCLLibrary", PYNCCL_WRAPPER)):
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "Function":
+            name, restype, argtypes = node.args
+            signatures[name.value] = {"restype": ast.unparse(restype),
+                                      "argtypes": [ast.unparse(argument) for argument in argtypes.elts]}
+    missing = [name for name in NCCL_FUNCTIONS if name not in signatures]
+    if missing:
+        raise ContractError(f"{PYNCCL_WRAPPER}: NCCLLibrary exports no {missing}")
+    return {name: signatures[name] for name in NCCL_FUNCTIONS}
+
+
+def _nccl_warm_up(wheel: zipfile.ZipFile) -> list[str]:
+    """The statements of the warm-up after ncclCommInitRank: the tensor made and the collective on it."""
+    path, cls, method = PYNCCL
+    init_comm = _function(ast.Module(body=_class(_source(wheel, path), cls, path).body, type_ignores=[]), method, path)
+    warm_up = [
+        ast.unparse(node)
+        for node in ast.walk(init_comm)
+        if isinstance(node, (ast.Assign, ast.Expr))
+        and isinstance(node.value, ast.Call)
+        and ast.unparse(node.value.func) in ("torch.zeros", "self.all_reduce")
+    ]
+    if len(warm_up) != 2:
+        raise ContractError(f"{path}: {cls}.{method} no longer makes one tensor and all-reduces it: {warm_up}")
+    return warm_up
+
+
+def _unique_id_decoder(wheel: zipfile.ZipFile) -> dict:
+    """The source of the function that parses nccl_unique_id_b64, and the module its ``base64`` is."""
+    path, name = UNIQUE_ID_DECODER
+    text = wheel.read(path).decode()
+    module = ast.parse(text, filename=path)
+    aliases = [alias.name for node in module.body if isinstance(node, ast.Import)
+               for alias in node.names if (alias.asname or alias.name) == "base64"]
+    if not aliases:
+        raise ContractError(f"{path}: imports no base64")
+    return {"source": ast.get_source_segment(text, _function(module, name, path)), "base64": aliases[0]}
+
+
 def contract(wheel_path: Path) -> dict:
     with zipfile.ZipFile(wheel_path) as wheel:
         metadata_path = next(name for name in wheel.namelist() if name.endswith(".dist-info/METADATA"))
@@ -286,6 +355,12 @@ def contract(wheel_path: Path) -> dict:
                 "numBuffers": _constant(_source(wheel, packed), "DEFAULT_PACKED_NUM_BUFFERS", packed),
             },
             "initialWeightVersion": _initial_weight_version(wheel),
+            "nccl": {
+                "uniqueIdBytes": _nccl_unique_id_bytes(_source(wheel, PYNCCL_WRAPPER)),
+                "functions": _nccl_signatures(_source(wheel, PYNCCL_WRAPPER)),
+                "warmUp": _nccl_warm_up(wheel),
+                "uniqueIdDecoder": _unique_id_decoder(wheel),
+            },
             "environmentVariables": list(ENVIRONMENT_VARIABLES),
         }
 

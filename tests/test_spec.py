@@ -232,6 +232,9 @@ MALFORMED = [
      "less than or equal to 1", BOTH),
     ("model-len-below-sequence", "spec.rollout.maxModelLen", 4000, "spec.rollout.maxModelLen",
      "maxPromptLength + grpo.maxCompletionLength", BOTH),
+    ("top-p-with-correction-on-the-server", "spec.grpo",
+     {**BASE["spec"]["grpo"], "preset": "custom", "importanceSampling": "token_truncate", "topP": 0.95},
+     "spec.grpo.topP", "renormalised over the top-p nucleus", BOTH),
     ("gpus-without-vllm", "spec.resources", {"gpus": 2, "trainerGpus": 2, "vllmGpus": 0}, "spec.resources.vllmGpus",
      "the vLLM sidecar samples", BOTH),
     ("gpus-without-trainer", "spec.resources", {"gpus": 1, "trainerGpus": 0, "vllmGpus": 1}, "spec.resources.trainerGpus",
@@ -298,6 +301,29 @@ def test_malformed_manifest_is_rejected_naming_the_field(case, admission):
         parent, _, leaf = field.rpartition(".")
         named = [e for e in errors if e.startswith(field + ":") or (e.startswith(parent + ":") and leaf in e)]
         assert named, errors
+
+
+@pytest.mark.parametrize(
+    "grpo, resources, rollout",
+    [({"importanceSampling": "none", "topP": 0.95}, {}, {}),  # no correction: the log-probs are only reported
+     ({"importanceSampling": "token_mask", "topP": 1.0}, {}, {}),
+     ({"importanceSampling": "token_mask", "topP": 0.95}, {"gpus": 0, "trainerGpus": 0, "vllmGpus": 0}, {})],
+    ids=["no-correction", "whole-distribution", "in-process-on-cpu"],
+)
+def test_top_p_below_one_with_a_correction_is_allowed_unless_the_vllm_server_samples(grpo, resources, rollout, admission):
+    """vLLM 0.34.0's processed_logprobs are taken after top-p masking; the in-process sampler's are not."""
+    manifest = copy.deepcopy(BASE)
+    manifest["spec"]["grpo"].update({"preset": "custom", **grpo})
+    manifest["spec"]["resources"] = resources
+    manifest["spec"]["rollout"] = rollout
+    validate_manifest(manifest)
+    assert admission.admit(manifest)[1] == []
+    manifest["spec"]["rollout"] = {"backend": "server"}  # a local run asking a server
+    if grpo["topP"] < 1 and grpo["importanceSampling"] != "none":
+        with pytest.raises(ManifestError, match="spec.grpo.topP"):
+            validate_manifest(manifest)
+    else:
+        validate_manifest(manifest)
 
 
 def test_every_problem_is_reported_not_just_the_first():

@@ -85,9 +85,10 @@ def test_the_weight_sync_calls_only_dev_mode_routes_with_their_fields():
     assert CONTRACT["initialWeightVersion"] == weight_sync.INITIAL_VERSION
     assert CONTRACT["packedDefaults"] == {"bufferSizeBytes": weight_sync.PACKED_BUFFER_BYTES,
                                           "numBuffers": weight_sync.PACKED_BUFFERS}
-    # what PackedBroadcast sends in /init_weight_transfer_engine and /update_weights
-    assert {"master_address", "master_port", "rank_offset", "world_size", "packed", "packed_buffer_size_bytes",
-            "packed_num_buffers"} <= set(CONTRACT["models"]["NCCLWeightTransferInitInfo"])
+    # what PackedBroadcast sends in /init_weight_transfer_engine (the rendezvous over gloo to the
+    # reference server, or over NCCL to vLLM) and /update_weights
+    assert {"master_address", "master_port", "nccl_unique_id_b64", "rank_offset", "world_size", "packed",
+            "packed_buffer_size_bytes", "packed_num_buffers"} <= set(CONTRACT["models"]["NCCLWeightTransferInitInfo"])
     assert {"names", "dtype_names", "shapes"} <= set(CONTRACT["models"]["NCCLWeightTransferUpdateInfo"])
     assert "VLLM_SERVER_DEV_MODE" in CONTRACT["environmentVariables"]
 

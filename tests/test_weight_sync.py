@@ -14,6 +14,7 @@ from test_train import manifest
 from test_vllm_rollouts import PROMPTS, SAMPLING, reference_server
 
 from grpo_trainer.model import load_model, load_tokenizer, resolve_model_source
+from grpo_trainer.nccl import NcclLibrary, NcclUnavailable
 from grpo_trainer.rollout import Rollouts, TransformersSampler
 from grpo_trainer.spec import RolloutSpec
 from grpo_trainer.storage import LocalStorage
@@ -22,6 +23,7 @@ from grpo_trainer.train import _completion_logps, _padded_batch, train
 from grpo_trainer.validation import validate_manifest
 from grpo_trainer.vllm_client import ServerSampler, request_seed
 from grpo_trainer.weight_sync import (
+    NcclFormation,
     PackedBroadcast,
     ShmSafetensors,
     WeightSync,
@@ -122,6 +124,25 @@ def test_a_push_makes_the_server_sample_from_the_pushed_weights(url, policy, tin
     sync.push(policy, "8")  # the broadcast group, formed once, carries the next push too
     assert_server_samples_from(url, policy, tiny_tokenizer.eos_token_id, "8")
     sync.close()
+
+
+def test_with_nccl_and_no_gpu_the_nccl_sender_fails_before_asking_the_server_and_shm_syncs(
+    url, policy, tiny_tokenizer, caplog
+):
+    """The NCCL sender grpo train builds on GPUs, here on CPU with a real libnccl.so.2 (see
+    tests/test_nccl.py for where it comes from): NCCL mints the id, then its ncclCommInitRank fails
+    at once, before /init_weight_transfer_engine, and the weights reach the server by /dev/shm."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU forms the communicator")
+    try:
+        library = NcclLibrary()
+    except NcclUnavailable as error:
+        pytest.skip(f"no NCCL library: {error}")
+    formation = NcclFormation(TIMEOUT, library, device=torch.device("cpu"), current_stream=lambda: None)
+    report = weight_sync(url, PackedBroadcast(TIMEOUT, formation=formation), ShmSafetensors()).push(policy, "4")
+    assert report.transport == "shm"
+    assert "weight sync of 4 by nccl failed: forming the nccl group: ncclCommInitRankConfig: " in caplog.text
+    assert_server_samples_from(url, policy, tiny_tokenizer.eos_token_id, "4")
 
 
 # ------------------------------------------------------------------------------------- faults

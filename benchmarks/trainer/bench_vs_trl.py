@@ -341,7 +341,8 @@ def run_ours(settings: Settings, model_dir: Path, fixed: list | None, profile: b
         for record, (_, cpu) in zip(records, clock.spans, strict=True)
     ]
     engine = engines[0]
-    return SideResult("ours", steps, prompts_seen, (load_before, load_after), _describe(getattr(engine.optimizer, "optimizer", engine.optimizer))
+    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps torch's optimizer
+    return SideResult("ours", steps, prompts_seen, (load_before, load_after), _describe(optimizer)
                       + f" in DeepSpeed ZeRO-{engine.zero_optimization_stage()}", clock.top())
 
 

@@ -251,7 +251,8 @@ def _read_saved_dataset(path: Path, split: str, source: str) -> tuple[list[str],
         raise DatasetError(f"{source}: {path} is not a directory written by save_to_disk: {err}") from err
     if isinstance(dataset, datasets.DatasetDict):
         if split not in dataset:
-            raise DatasetError(f"{source}: no split {split!r}; its splits are {_listed(str(name) for name in dataset)} (set dataset.split)")
+            splits = _listed(str(name) for name in dataset)
+            raise DatasetError(f"{source}: no split {split!r}; its splits are {splits} (set dataset.split)")
         dataset = dataset[split]
     return dataset.column_names, dataset.to_list()
 

@@ -569,6 +569,17 @@ class GRPORunSpec(APIModel):
             "must hold a whole sequence: at least grpo.maxPromptLength + grpo.maxCompletionLength",
             field=".rollout.maxModelLen",
         ),
+        # vLLM 0.34.0's processed_logprobs come after top-p masking (vllm/v1/worker/gpu/sample/sampler.py):
+        # renormalised over the nucleus, they are not log_softmax(logits / T), which the correction compares
+        # them with. The server samples whenever the pod has GPUs (the operator sets backend: server).
+        CelRule(
+            "self.grpo.importanceSampling == 'none' || self.grpo.topP == 1.0 || "
+            "(self.rollout.backend != 'server' && self.resources.gpus == 0)",
+            "must be 1 with an importance-sampling correction when the vLLM server samples (rollout.backend "
+            "server, or resources.gpus above 0): vLLM's log-probs are renormalised over the top-p nucleus, the "
+            "trainer's are not",
+            field=".grpo.topP",
+        ),
     )
 
 

@@ -353,7 +353,8 @@ def _weight_sync(spec, sampler: Sampler, policy, resumed: str | None, first_step
         sampler.url,
         dtype=dtype,
         timeout=timeout,
-        transports=default_transports(timeout, on_gpu=device.type == "cuda"),
+        transports=default_transports(timeout, on_gpu=device.type == "cuda",
+                                      server_workers=spec.resources.vllm_gpus),
         label=INITIAL_VERSION if first_step == 0 and resumed is None else str(first_step),
         wait_until_ready=sampler.wait_until_ready,
     )

@@ -8,10 +8,12 @@ body field and worker method used is in tests/fixtures/vllm-0.34.0-contract.json
 
 Two transports push the weights, tried in this order:
 
-- :class:`PackedBroadcast`: ``/init_weight_transfer_engine`` once (the server joins a process group
-  as rank 1), then per step ``/start_weight_update`` → ``/update_weights`` (names, dtypes, shapes)
-  while rank 0 broadcasts the tensors packed as vLLM's packed_tensor.py unpacks them →
-  ``/finish_weight_update`` with the step as the label. Over gloo, the CPU stand-in for NCCL.
+- :class:`PackedBroadcast`: ``/init_weight_transfer_engine`` once (the server's workers join a group
+  as ranks 1, 2, ...), then per step ``/start_weight_update`` → ``/update_weights`` (names, dtypes,
+  shapes) while rank 0 broadcasts the tensors packed as vLLM's packed_tensor.py unpacks them →
+  ``/finish_weight_update`` with the step as the label. Over NCCL with a GPU server (the workers
+  join by the unique id the trainer mints, :mod:`grpo_trainer.nccl`), over gloo on CPU (the
+  reference server's stand-in).
 - :class:`ShmSafetensors`: the weights as one safetensors file in a folder under /dev/shm (the
   pod's containers share it), loaded by ``/collective_rpc`` → the workers' ``reload_weights``
   (``weights_path``), then labelled by ``/update_weight_version``. 0.34.0 has no route that
@@ -27,6 +29,7 @@ checkpoint. A sidecar that restarted serves its base weights again (label "defau
 
 from __future__ import annotations
 
+import base64
 import logging
 import shutil
 import tempfile
@@ -36,7 +39,7 @@ import urllib.request
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -45,6 +48,7 @@ from typing import Protocol
 import torch
 
 from grpo_trainer.engine import _free_port
+from grpo_trainer.nccl import NcclGroup, NcclLibrary, NcclUnavailable, Stream, version_name
 from grpo_trainer.vllm_client import HTTPCallError, call_json, json_request
 from grpo_trainer.vllm_server import HOST
 
@@ -160,24 +164,135 @@ class Transport(Protocol):
         """Release what the transport holds, at the end of training."""
 
 
-class PackedBroadcast:
-    """The weight-transfer engine's packed broadcast, rank 0 of a two-member process group with the
-    server's worker (rank_offset 1). The group is gloo over a TCPStore rendezvous on loopback, the
-    CPU stand-in for the NCCL group a GPU server joins (see docs/vllm-sidecar.md for why the GPU
-    path does not use this class yet)."""
+class PendingBroadcast(Protocol):
+    def wait(self) -> None:
+        """Until the buffer is sent; RuntimeError when it cannot be, by the group's timeout."""
+
+
+class BroadcastGroup(Protocol):
+    """A group with the server's workers, this process its rank 0."""
+
+    def broadcast(self, buffer: torch.Tensor) -> PendingBroadcast: ...
+
+    def close(self) -> None:
+        """Leave the group; a failed or restarted peer needs a new one."""
+
+
+class GroupFormation(Protocol):
+    """How :class:`PackedBroadcast` forms its group, one group at a time: :meth:`open` before the
+    server is asked to join, :meth:`join` while it joins."""
+
+    name: str  # the transport's, in logs and in sync/transport
+
+    def open(self, world_size: int) -> dict:
+        """Prepare this side's rendezvous; returns its fields of ``init_info``."""
+
+    def join(self, abandoned: Callable[[], bool]) -> BroadcastGroup:
+        """The group, once the server's workers joined it; RuntimeError when they did not by the
+        timeout, or when ``abandoned()`` says they will not."""
+
+
+class GlooGroup:
+    """A gloo process group and the TCPStore it was formed on, which it uses while it lives."""
+
+    def __init__(self, group, store):
+        self.group = group
+        self.store = store
+
+    def broadcast(self, buffer: torch.Tensor) -> PendingBroadcast:
+        from torch.distributed import BroadcastOptions
+
+        options = BroadcastOptions()
+        options.rootRank = 0
+        return self.group.broadcast([buffer], options)
+
+    def close(self) -> None:
+        """Nothing beyond the references, which the transport drops."""
+
+
+class GlooFormation:
+    """The group over gloo, on a TCPStore rendezvous this rank hosts on loopback: what the reference
+    server joins with ``master_address`` and ``master_port``, the CPU stand-in for NCCL."""
 
     name = "broadcast"
 
-    def __init__(self, timeout: float, *, buffer_bytes: int = PACKED_BUFFER_BYTES, num_buffers: int = PACKED_BUFFERS):
+    def __init__(self, timeout: float):
+        self.timeout = timedelta(seconds=timeout)
+        self.store = None
+        self.world_size = 0
+
+    def open(self, world_size: int) -> dict:
+        from torch.distributed import TCPStore
+
+        port = _free_port()
+        self.store = TCPStore(HOST, port, world_size, True, timeout=self.timeout, wait_for_workers=False)
+        self.world_size = world_size
+        return {"master_address": HOST, "master_port": port}
+
+    def join(self, abandoned) -> GlooGroup:
+        """gloo's constructor cannot be interrupted: its own timeout ends a wait for a server that
+        refused, so ``abandoned`` goes unasked."""
+        from torch.distributed import ProcessGroupGloo
+
+        options = ProcessGroupGloo._Options()
+        options._timeout = self.timeout
+        # The loopback device: the pod's hostname need not resolve to an address the sidecar can reach.
+        options._devices = [ProcessGroupGloo.create_device(hostname=HOST)]
+        store, self.store = self.store, None
+        return GlooGroup(ProcessGroupGloo(store, 0, self.world_size, options), store)
+
+
+class NcclFormation:
+    """The group over NCCL that vLLM 0.34.0's workers join by ``nccl_unique_id_b64``: this rank mints
+    the unique id and enters ncclCommInitRank before the server is asked (a failure here never
+    reaches the server), the workers enter theirs while /init_weight_transfer_engine runs, and every
+    rank then issues the warm-up all-reduce. Buffers go on torch's current CUDA stream."""
+
+    name = "nccl"
+
+    def __init__(self, timeout: float, library: NcclLibrary, *, device: torch.device | None = None,
+                 current_stream: Callable[[], Stream] | None = None):
         self.timeout = timeout
+        self.library = library
+        self.device = device
+        self.current_stream = current_stream or torch.cuda.current_stream
+        self.forming: NcclGroup | None = None
+
+    def open(self, world_size: int) -> dict:
+        unique_id = self.library.unique_id()
+        device = self.device or torch.device("cuda", torch.cuda.current_device())
+        self.forming = NcclGroup(self.library, unique_id, rank=0, world_size=world_size, timeout=self.timeout,
+                                 device=device, current_stream=self.current_stream)
+        # vLLM decodes it with b64decode(validate=True): the standard alphabet, not the URL-safe one.
+        return {"nccl_unique_id_b64": base64.b64encode(unique_id).decode("ascii")}
+
+    def join(self, abandoned) -> NcclGroup:
+        group, self.forming = self.forming, None
+        assert group is not None, "join() without open()"
+        group.wait_formed(abandoned)
+        group.warm_up()
+        return group
+
+
+class PackedBroadcast:
+    """vLLM's weight-transfer engine driven from rank 0 of a group with the server's workers
+    (rank_offset 1, one rank per worker): the weights broadcast in the packed buffers vLLM's
+    packed_tensor.py unpacks. The group is formed by ``formation``: over NCCL with a GPU server
+    (:class:`NcclFormation`), over gloo with the reference server on CPU (the default)."""
+
+    def __init__(self, timeout: float, *, formation: GroupFormation | None = None, server_workers: int = 1,
+                 buffer_bytes: int = PACKED_BUFFER_BYTES, num_buffers: int = PACKED_BUFFERS):
+        self.formation = formation or GlooFormation(timeout)
+        self.name = self.formation.name
+        self.world_size = 1 + server_workers
         self.buffer_bytes = buffer_bytes
         self.num_buffers = num_buffers
-        self.group = None
-        self.store = None  # the rendezvous this rank hosts, which the group uses while it lives
+        self.group: BroadcastGroup | None = None
 
     def push(self, calls, weights, version) -> int:
         if self.group is None:
-            self._connect(calls)
+            self.group = self._connect(calls)
+        group = self.group
         calls.post(START_UPDATE_ROUTE)
         update_info = {
             "names": [name for name, _ in weights],
@@ -188,72 +303,75 @@ class PackedBroadcast:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="update-weights") as pool:
             answered = pool.submit(calls.post, UPDATE_WEIGHTS_ROUTE, {"update_info": update_info})
             try:
-                sent = self._broadcast(weights)
+                sent = self._broadcast(group, weights)
             except PhaseFailed:
-                # The server's refusal (an engine that lost its group, say) says more than the timeout.
-                if answered.done() and answered.exception() is not None:
-                    raise answered.exception() from None
+                _raise_refusal(answered)
                 raise
             answered.result()
         calls.post(FINISH_UPDATE_ROUTE, {"weight_version": version})
         return sent
 
-    def _connect(self, calls: ServerCalls) -> None:
-        """Open the rendezvous, ask the server to join it, and form the group; both sides must be
-        in the rendezvous at once, so the request runs beside the group's construction."""
-        from torch.distributed import ProcessGroupGloo, TCPStore
-
-        port = _free_port()
-        wait = timedelta(seconds=self.timeout)
-        self.store = TCPStore(HOST, port, 2, True, timeout=wait, wait_for_workers=False)
+    def _connect(self, calls: ServerCalls) -> BroadcastGroup:
+        """Open this side's rendezvous, then ask the server to join it while the group forms: both
+        sides must be in the rendezvous at once."""
+        try:
+            rendezvous = self.formation.open(self.world_size)
+        except RuntimeError as error:
+            raise PhaseFailed(f"forming the {self.name} group: {_first_line(error)}") from None
         init_info = {
-            "master_address": HOST,
-            "master_port": port,
+            **rendezvous,
             "rank_offset": 1,
-            "world_size": 2,
+            "world_size": self.world_size,
             "packed": True,
             "packed_buffer_size_bytes": self.buffer_bytes,
             "packed_num_buffers": self.num_buffers,
         }
-        options = ProcessGroupGloo._Options()
-        options._timeout = wait
-        # The loopback device: the pod's hostname need not resolve to an address the sidecar can reach.
-        options._devices = [ProcessGroupGloo.create_device(hostname=HOST)]
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="init-transfer") as pool:
             joined = pool.submit(calls.post, INIT_TRANSFER_ROUTE, {"init_info": init_info})
             try:
-                group = ProcessGroupGloo(self.store, 0, 2, options)
+                group = self.formation.join(abandoned=lambda: joined.done() and joined.exception() is not None)
             except RuntimeError as error:
-                joined.cancel()
+                _raise_refusal(joined)
                 raise PhaseFailed(f"POST {INIT_TRANSFER_ROUTE}: the server did not join the group: "
                                   f"{_first_line(error)}") from None
-            joined.result()
-        self.group = group
+            try:
+                joined.result()
+            except PhaseFailed:
+                group.close()
+                raise
+        return group
 
-    def _broadcast(self, weights) -> int:
+    def _broadcast(self, group: BroadcastGroup, weights) -> int:
         """Send the packed buffers from rank 0, at most ``num_buffers`` on the wire at once."""
-        from torch.distributed import BroadcastOptions
-
-        options = BroadcastOptions()
-        options.rootRank = 0
         in_flight: deque = deque()
         sent = 0
         try:
             for buffer in packed_buffers(weights, self.buffer_bytes):
                 if len(in_flight) == self.num_buffers:
                     in_flight.popleft().wait()
-                in_flight.append(self.group.broadcast([buffer], options))
+                in_flight.append(group.broadcast(buffer))
                 sent += buffer.numel()
             while in_flight:
                 in_flight.popleft().wait()
         except RuntimeError as error:
-            raise PhaseFailed(f"broadcast beside POST {UPDATE_WEIGHTS_ROUTE}: {_first_line(error)}") from None
+            raise PhaseFailed(f"{self.name} broadcast beside POST {UPDATE_WEIGHTS_ROUTE}: "
+                              f"{_first_line(error)}") from None
         return sent
 
     def reset(self) -> None:
-        self.group = self.store = None
+        if self.group is not None:
+            self.group.close()
+            self.group = None
 
     close = reset
+
+
+def _raise_refusal(call: Future) -> None:
+    """The server's refusal of the call beside a group operation (an engine without a group, say)
+    says more than the group's own failure: raise it, when the call has already failed."""
+    refusal = call.exception() if call.done() else None
+    if refusal is not None:
+        raise refusal from None
 
 
 class ShmSafetensors:
@@ -397,10 +515,17 @@ def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
 
 
-def default_transports(timeout: float, *, on_gpu: bool) -> list[Transport]:
-    """The packed broadcast, then the /dev/shm fallback; on GPUs the fallback alone, until the
-    trainer has an NCCL sender that joins vLLM 0.34.0's group (docs/vllm-sidecar.md)."""
-    if on_gpu:
-        logger.info("weight sync through /dev/shm only: no NCCL sender for vLLM's group yet (docs/vllm-sidecar.md)")
+def default_transports(timeout: float, *, on_gpu: bool, server_workers: int) -> list[Transport]:
+    """The packed broadcast, then the /dev/shm fallback: over NCCL with a GPU server (its
+    ``server_workers`` workers each a rank), over gloo on CPU. On GPUs without a loadable NCCL,
+    the fallback alone, said once here."""
+    if not on_gpu:
+        return [PackedBroadcast(timeout), ShmSafetensors()]
+    try:
+        library = NcclLibrary()
+    except NcclUnavailable as error:
+        logger.warning("weight sync through /dev/shm only: the NCCL sender cannot load NCCL: %s", error)
         return [ShmSafetensors()]
-    return [PackedBroadcast(timeout), ShmSafetensors()]
+    logger.info("weight sync by NCCL %s (%s), /dev/shm as its fallback", version_name(library.version), library.path)
+    return [PackedBroadcast(timeout, formation=NcclFormation(timeout, library), server_workers=server_workers),
+            ShmSafetensors()]
