@@ -20,4 +20,5 @@ for micro_step in range(MICRO_STEPS):
         learning_rates.append(engine.get_lr()[0])
 if rank == 0:
     state = {name: p.detach().clone() for name, p in engine.module.named_parameters()}
-    torch.save({"params": state, "global_steps": engine.global_steps, "lr": learning_rates}, sys.argv[1])
+    torch.save({"params": state, "global_steps": engine.global_steps, "lr": learning_rates,
+                "zero_stage": engine.zero_optimization_stage()}, sys.argv[1])

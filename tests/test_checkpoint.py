@@ -450,7 +450,7 @@ def test_wrong_credentials_fail_before_any_training(tiny_model_dir, tmp_path, bu
 def test_a_full_volume_ends_the_run_in_one_line_and_keeps_a_resumable_checkpoint(
     tiny_model_dir, tmp_path, small_filesystem, monkeypatch, capsys
 ):
-    """A real 60 MB volume holds one of the tiny model's 37 MB checkpoints, not two. Step 4's save is
+    """A real 45 MB volume holds one of the tiny model's 30 MB checkpoints, not two. Step 4's save is
     refused before writing; with the check out of the way, the disk itself refuses it mid-write.
     Each time: exit 4, reason StorageFull, one line naming the volume, nothing half-written, and
     step 2 intact (the second attempt resumes from it)."""
@@ -460,7 +460,7 @@ def test_a_full_volume_ends_the_run_in_one_line_and_keeps_a_resumable_checkpoint
 
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
-    volume = small_filesystem("volume", 60)
+    volume = small_filesystem("volume", 45)
     termination_log = tmp_path / "termination-log"
     termination_log.touch()
     monkeypatch.setenv("GRPO_TERMINATION_LOG", str(termination_log))

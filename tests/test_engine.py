@@ -48,10 +48,13 @@ def test_deepspeed_config_follows_the_spec():
     assert "reduce_bucket_size" not in config["zero_optimization"]
     cpu = deepspeed_config(grpo, on_gpu=False)["zero_optimization"]
     assert cpu["reduce_bucket_size"] == cpu["allgather_bucket_size"] == CPU_BUCKET_ELEMENTS == 50_000_000
+    # One CPU process: no ZeRO partitioning (and none of its copies); one GPU still gets the spec's stage.
+    assert deepspeed_config(grpo, on_gpu=False, world_size=1)["zero_optimization"]["stage"] == 0
+    assert deepspeed_config(grpo, on_gpu=True, world_size=1)["zero_optimization"]["stage"] == 2
 
 
-def _reference_training():
-    """What ZeRO-2 over 2 ranks must compute: the mean gradient over ranks and micro-batches,
+def _reference_training(world_size: int):
+    """What the engine over ``world_size`` ranks must compute: the mean gradient over ranks and micro-batches,
     clipped by global norm, then AdamW and the scheduler, all in one process with plain torch."""
     grpo = grpo_spec()
     model = tiny_model()
@@ -62,9 +65,9 @@ def _reference_training():
     for step in range(OPTIMIZER_STEPS):
         optimizer.zero_grad()
         for micro_step in range(step * ACCUMULATION, (step + 1) * ACCUMULATION):
-            for rank in range(WORLD_SIZE):
+            for rank in range(world_size):
                 input_ids = batch(rank, micro_step)
-                (model(input_ids=input_ids, labels=input_ids).loss / (ACCUMULATION * WORLD_SIZE)).backward()
+                (model(input_ids=input_ids, labels=input_ids).loss / (ACCUMULATION * world_size)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), grpo.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -73,16 +76,18 @@ def _reference_training():
 
 
 @pytest.mark.slow
-def test_zero2_on_two_cpu_processes_equals_single_process_adamw(tmp_path):
+@pytest.mark.parametrize("world_size", [WORLD_SIZE, 1], ids=["ZeRO-2 on 2 processes", "stage 0 on 1 process"])
+def test_the_engine_on_cpu_processes_equals_single_process_adamw(tmp_path, world_size):
     output = tmp_path / "rank0.pt"
     env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD_SIZE),
-               "--master_port", "29533", str(TESTS / "engine_worker.py"), str(output)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world_size),
+               "--master_port", str(29533 + world_size), str(TESTS / "engine_worker.py"), str(output)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     trained = torch.load(output)
     assert trained["global_steps"] == OPTIMIZER_STEPS == MICRO_STEPS // ACCUMULATION
-    reference, learning_rates = _reference_training()
+    assert trained["zero_stage"] == (2 if world_size > 1 else 0)
+    reference, learning_rates = _reference_training(world_size)
     assert trained["lr"] == pytest.approx(learning_rates, rel=1e-9)
     initial = dict(tiny_model().named_parameters())
     for name, parameter in reference.items():

@@ -26,8 +26,12 @@ flushed: on a laptop that is resident memory the run cannot spare, and a smaller
 flushes more often."""
 
 
-def deepspeed_config(grpo: GRPOSpec, *, on_gpu: bool) -> dict[str, Any]:
-    zero = {"stage": grpo.zero_stage, "overlap_comm": on_gpu, "contiguous_gradients": True}
+def deepspeed_config(grpo: GRPOSpec, *, on_gpu: bool, world_size: int = 2) -> dict[str, Any]:
+    # One CPU process has nothing to partition: ZeRO would only add a flat float32 copy of the weights
+    # and a flat gradient buffer (1 GiB for 135 M parameters), which is what keeps a laptop run above
+    # 4 GB (benchmarks/README.md). Stage 0 steps torch's AdamW on the model's own weights and grads.
+    stage = 0 if world_size == 1 and not on_gpu else grpo.zero_stage
+    zero = {"stage": stage, "overlap_comm": on_gpu, "contiguous_gradients": True}
     if not on_gpu:
         zero.update(reduce_bucket_size=CPU_BUCKET_ELEMENTS, allgather_bucket_size=CPU_BUCKET_ELEMENTS)
     return {
@@ -83,7 +87,7 @@ def build_engine(model: PreTrainedModel, grpo: GRPOSpec):
         optimizer=optimizer,
         # DeepSpeed annotates torch's deprecated _LRScheduler, and takes any LRScheduler
         lr_scheduler=lr_scheduler(optimizer, grpo),  # pyright: ignore[reportArgumentType]
-        config=deepspeed_config(grpo, on_gpu=on_gpu),
+        config=deepspeed_config(grpo, on_gpu=on_gpu, world_size=torch.distributed.get_world_size()),
     )
     return engine
 

@@ -174,6 +174,8 @@ class NcclLibrary:
         if result not in (SUCCESS, IN_PROGRESS) and comm.value:
             self.abort(comm.value)  # the part made before the failure
         self._check(result, "ncclCommInitRankConfig")
+        if comm.value is None:
+            raise NcclError("ncclCommInitRankConfig: no communicator returned")
         return comm.value
 
     def async_error(self, comm: int) -> int:
@@ -210,12 +212,19 @@ class NcclLibrary:
         return result
 
 
+class Event(Protocol):
+    """What the communicator needs of torch.cuda.Event."""
+
+    def query(self) -> bool: ...
+
+
 class Stream(Protocol):
     """What the communicator needs of torch.cuda.Stream."""
 
-    cuda_stream: int
+    @property
+    def cuda_stream(self) -> int: ...
 
-    def record_event(self): ...
+    def record_event(self) -> Event: ...
 
 
 @dataclass
@@ -249,13 +258,15 @@ class NcclGroup:
         """The one-element float32 all-reduce each peer of vLLM's group issues before anything else
         (PyNcclCommunicator._init_comm): without it the two sides wait in different collectives."""
         data = torch.zeros(1, dtype=torch.float32, device=self.device)
+        comm = self._require("warm-up ncclAllReduce")
         self._enqueue("warm-up ncclAllReduce", data,
-                      lambda stream: self.library.all_reduce(data.data_ptr(), 1, FLOAT32, SUM, self.comm, stream)).wait()
+                      lambda stream: self.library.all_reduce(data.data_ptr(), 1, FLOAT32, SUM, comm, stream)).wait()
 
     def broadcast(self, buffer: torch.Tensor) -> PendingCollective:
         """Send a uint8 ``buffer`` from rank 0 (the sender's rank) to the other ranks."""
+        comm = self._require("ncclBroadcast")
         return self._enqueue("ncclBroadcast", buffer, lambda stream: self.library.broadcast(
-            buffer.data_ptr(), buffer.numel(), UINT8, 0, self.comm, stream))
+            buffer.data_ptr(), buffer.numel(), UINT8, 0, comm, stream))
 
     def _enqueue(self, what: str, buffer: torch.Tensor, call: Callable[[int], int]) -> PendingCollective:
         self._require(what)
@@ -271,10 +282,10 @@ class NcclGroup:
 
     def _wait(self, what: str, *, done: Callable[[], bool] = lambda: True,
               abandoned: Callable[[], bool] = lambda: False) -> None:
-        self._require(what)
+        comm = self._require(what)
         deadline = time.monotonic() + self.timeout
         while True:
-            state = self.library.async_error(self.comm)
+            state = self.library.async_error(comm)
             if state == SUCCESS and done():
                 return
             if state not in (SUCCESS, IN_PROGRESS):
@@ -289,9 +300,11 @@ class NcclGroup:
             self.abort()
             raise NcclError(f"{what}: {problem}; communicator aborted")
 
-    def _require(self, what: str) -> None:
+    def _require(self, what: str) -> int:
+        """The communicator, unless it was aborted."""
         if self.comm is None:
             raise NcclError(f"{what}: the communicator was aborted")
+        return self.comm
 
     def abort(self) -> None:
         if self.comm is not None:

@@ -156,6 +156,7 @@ class Transport(Protocol):
 
     def push(self, calls: ServerCalls, weights: Sequence[tuple[str, torch.Tensor]], version: str) -> int:
         """Load ``weights`` into the paused server labelled ``version``; returns the bytes moved."""
+        ...
 
     def reset(self) -> None:
         """Forget any connection to the server: a failed or restarted peer needs a fresh one."""
@@ -186,10 +187,12 @@ class GroupFormation(Protocol):
 
     def open(self, world_size: int) -> dict:
         """Prepare this side's rendezvous; returns its fields of ``init_info``."""
+        ...
 
     def join(self, abandoned: Callable[[], bool]) -> BroadcastGroup:
         """The group, once the server's workers joined it; RuntimeError when they did not by the
         timeout, or when ``abandoned()`` says they will not."""
+        ...
 
 
 class GlooGroup:
@@ -222,7 +225,7 @@ class GlooFormation:
         self.world_size = 0
 
     def open(self, world_size: int) -> dict:
-        from torch.distributed import TCPStore
+        from torch.distributed import TCPStore  # pyright: ignore[reportPrivateImportUsage]  (public, not declared so)
 
         port = _free_port()
         self.store = TCPStore(HOST, port, world_size, True, timeout=self.timeout, wait_for_workers=False)
@@ -234,11 +237,13 @@ class GlooFormation:
         refused, so ``abandoned`` goes unasked."""
         from torch.distributed import ProcessGroupGloo
 
-        options = ProcessGroupGloo._Options()
+        # gloo's own options: the only way to give its group a timeout and the loopback device
+        options = ProcessGroupGloo._Options()  # pyright: ignore[reportAttributeAccessIssue]
         options._timeout = self.timeout
         # The loopback device: the pod's hostname need not resolve to an address the sidecar can reach.
         options._devices = [ProcessGroupGloo.create_device(hostname=HOST)]
         store, self.store = self.store, None
+        assert store is not None, "join() without open()"
         return GlooGroup(ProcessGroupGloo(store, 0, self.world_size, options), store)
 
 
