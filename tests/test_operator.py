@@ -413,7 +413,8 @@ async def operator_listing_pods_late(kube: KubeEmulator) -> AsyncIterator[Fault]
 @pytest.mark.asyncio
 async def test_a_restarted_operator_passes_each_run_once(kube: KubeEmulator):
     """kopf's first listing of the pods sends an event for each, here after every run's first
-    pass: none of them wakes a run whose pass read that version of its pod."""
+    pass: none of them wakes a run whose pass read that version of its pod. The first passes take
+    the runs as kopf listed them, without reading them again."""
     names = [f"run-{index}" for index in range(4)]
     async with operator(kube):
         for name in names:
@@ -432,6 +433,7 @@ async def test_a_restarted_operator_passes_each_run_once(kube: KubeEmulator):
 
     assert metric("grpo_operator_reconcile_passes_total") - passes == len(names) + 1
     assert operator_calls(kube, calls, ApiCall("list", "pods")) == len(names) + 1
+    assert operator_calls(kube, calls, ApiCall("get", "grporuns")) == 1  # the second pass of names[0]
 
 
 @pytest.mark.asyncio
@@ -837,9 +839,14 @@ async def test_urgent_passes_go_before_every_waiting_routine_pass():
     passes, started, busy = Passes(1), [], threading.Event()
 
     async def submit(name: str, urgent: bool) -> None:
-        await passes.run(urgent, started.append, name)
+        async with passes.turn(urgent):
+            started.append(name)
 
-    first = asyncio.create_task(passes.run(False, busy.wait))  # the one worker, busy till the rest wait
+    async def hold() -> None:
+        async with passes.turn(False):
+            await asyncio.to_thread(busy.wait)
+
+    first = asyncio.create_task(hold())  # the one worker, busy till the rest wait
     await asyncio.sleep(0)
     waiting = [asyncio.create_task(submit(name, urgent)) for name, urgent in
                (("resident-1", False), ("resident-2", False), ("new", True), ("resident-3", False))]
