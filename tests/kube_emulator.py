@@ -549,6 +549,11 @@ class KubeEmulator(kmock.KubernetesScaffold):
         self._shutting_down = True
         self._events_grew.set()
 
+    def requests_since(self, index: int) -> list[kmock.Request]:
+        """The requests served from the ``index``-th on, in order: what a poll for new calls reads
+        (``list(kube)`` copies every request ever served)."""
+        return self._requests[index:]
+
     def api_calls(self) -> collections.Counter[ApiCall]:
         """How many API calls were made, per verb and resource (discovery is not counted)."""
         return collections.Counter(call for request in self if (call := api_call(request)))
