@@ -229,7 +229,14 @@ async def wake_on_new_checkpoint(
         _wake(memo, namespace, name)
 
 
-@kopf.on.event(*PODS, labels=POD_LABELS)
+def _unread(namespace: str | None, labels: Mapping[str, str], meta: Mapping[str, Any], memo: kopf.Memo, **_: Any) -> bool:
+    """Whether the run's loop has started and its last pass did not read this version of its pod or
+    Job: otherwise the event changes nothing, and kopf need not call (nor log) the handler."""
+    wakeup = memo.wakeups.get((namespace, labels[RUN_LABEL]))
+    return wakeup is not None and wakeup.unread(meta["uid"], meta["resourceVersion"])
+
+
+@kopf.on.event(*PODS, labels=POD_LABELS, when=_unread)
 async def wake_on_pod_change(
     namespace: str | None, labels: Mapping[str, str], meta: Mapping[str, Any], memo: kopf.Memo, **_: Any
 ) -> None:
@@ -238,7 +245,7 @@ async def wake_on_pod_change(
     _wake(memo, namespace, labels[RUN_LABEL], meta)
 
 
-@kopf.on.event(*JOBS, labels=POD_LABELS)
+@kopf.on.event(*JOBS, labels=POD_LABELS, when=_unread)
 async def wake_on_job_change(
     namespace: str | None, labels: Mapping[str, str], meta: Mapping[str, Any], memo: kopf.Memo, **_: Any
 ) -> None:
@@ -273,9 +280,13 @@ class Wakeup:
         """Wake the loop, whatever its last pass read."""
         self._event.set()
 
+    def unread(self, uid: str, version: str) -> bool:
+        """Whether the last pass did not read this version of the pod or Job."""
+        return self._read.get(uid) != version
+
     def watched(self, uid: str, version: str) -> None:
         """A watch event (or kopf's listing) says a pod or Job of the run is in this version now."""
-        if self._read.get(uid) == version:
+        if not self.unread(uid, version):
             return
         if self._watched_in_pass is None:
             self._event.set()
