@@ -190,10 +190,10 @@ _OMITTED_WHEN_EMPTY = ("labels", "annotations", "finalizers", "ownerReferences")
 
 
 def with_status_of(body: dict[str, Any], source: Mapping[str, Any]) -> dict[str, Any]:
-    """`body` with the status of `source` (none if it has none)."""
+    """`body` with the status of `source` (none if it has none); it shares both's parts."""
     result = {key: value for key, value in body.items() if key != "status"}
     if "status" in source:
-        result["status"] = copy.deepcopy(source["status"])
+        result["status"] = source["status"]
     return result
 
 
@@ -218,29 +218,48 @@ def content(body: Mapping[str, Any], status_is_subresource: bool) -> dict[str, A
     return {key: value for key, value in body.items() if key not in skipped}
 
 
-def _label_requirement(text: str) -> Callable[[Mapping[str, str]], bool]:
+Requirement = Callable[[Mapping[str, str]], bool]
+
+
+def _label_requirement(text: str) -> tuple[Requirement, tuple[str, str] | None]:
+    """The requirement, and the label it requires an object to carry if it is an equality."""
     key = r"(?P<key>[A-Za-z0-9]([-A-Za-z0-9_./]*[A-Za-z0-9])?)"
     value = r"[-A-Za-z0-9_.]*"
     if match := re.fullmatch(rf"(?P<negated>!)?\s*{key}", text):
         exists = match["negated"] is None
-        return lambda labels: (match["key"] in labels) == exists
+        return (lambda labels: (match["key"] in labels) == exists), None
     if match := re.fullmatch(rf"{key}\s*(?P<op>==|=|!=)\s*(?P<value>{value})", text):
         equal = match["op"] != "!="
-        return lambda labels: (labels.get(match["key"]) == match["value"]) == equal
+        return (lambda labels: (labels.get(match["key"]) == match["value"]) == equal), (
+            (match["key"], match["value"]) if equal else None
+        )
     if match := re.fullmatch(rf"{key}\s+(?P<op>in|notin)\s*\((?P<values>[^()]*)\)", text):
         values = {item.strip() for item in match["values"].split(",")}
         inside = match["op"] == "in"
-        return lambda labels: (labels.get(match["key"], None) in values) == inside
+        return (lambda labels: (labels.get(match["key"], None) in values) == inside), None
     raise api_error(400, f"labelSelector: unable to parse requirement {text!r}")
 
 
-def label_selector(text: str) -> Callable[[Mapping[str, str]], bool]:
+@dataclasses.dataclass(frozen=True)
+class LabelSelector:
+    """A parsed label selector: called with an object's labels, whether it selects them."""
+
+    requirements: tuple[Requirement, ...]
+    carried: frozenset[tuple[str, str]]
+    """The labels (key, value) its equality requirements name: every object it selects carries
+    them all, so an index by label finds its candidates."""
+
+    def __call__(self, labels: Mapping[str, str]) -> bool:
+        return all(requirement(labels) for requirement in self.requirements)
+
+
+def label_selector(text: str) -> LabelSelector:
     """Kubernetes' label selector syntax: `a=b,c!=d,e in (x,y),f notin (z),g,!h`.
 
     As in Kubernetes, `!=` and `notin` also match objects without the label."""
     parts = [part.strip() for part in re.split(r",(?![^()]*\))", text)] if text.strip() else []
-    requirements = [_label_requirement(part) for part in parts]
-    return lambda labels: all(requirement(labels) for requirement in requirements)
+    parsed = [_label_requirement(part) for part in parts]
+    return LabelSelector(tuple(requirement for requirement, _ in parsed), frozenset(label for _, label in parsed if label))
 
 
 def labels_of(body: Mapping[str, Any]) -> Mapping[str, str]:
@@ -404,6 +423,25 @@ class _Event:
     object: dict[str, Any]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Selection:
+    """What a list or watch request asks for; called with an object, whether it is one."""
+
+    resource: kmock.resource
+    namespace: str | None
+    name: str | None
+    labels: LabelSelector
+
+    def __call__(self, resource: kmock.resource, obj: Mapping[str, Any]) -> bool:
+        metadata = obj["metadata"]
+        return (
+            resource == self.resource
+            and (self.namespace is None or metadata.get("namespace") == self.namespace)
+            and (self.name is None or metadata["name"] == self.name)
+            and self.labels(labels_of(obj))
+        )
+
+
 # kmock reads /api/v1/namespaces/X as namespace X's scope (and fails on /api/v1/namespaces), so it
 # cannot parse requests for Namespace objects; it parses them under a stand-in plural instead.
 _NAMESPACE_OBJECTS = re.compile(r"/api/v1/namespaces(?P<rest>(/[^/]+(/(status|finalize))?)?)/?")
@@ -427,6 +465,13 @@ class KubeEmulator(kmock.KubernetesScaffold):
         factory=lambda: collections.defaultdict(dict), init=False
     )
     _existing_uids: set[str] = attrs.field(factory=set, init=False)
+    _labelled: dict[kmock.resource, dict[tuple[str, str], set[tuple[str | None, str]]]] = attrs.field(
+        factory=dict, init=False
+    )
+    """The (namespace, name) of the existing objects that carry each label (key, value), by resource:
+    a list that selects by label reads only those, as the API server's watch cache is indexed (a
+    thousand runs' pods, each run listing its own, made a scan of every pod per list the
+    emulator's largest cost)."""
     _garbage_possible: bool = attrs.field(default=False, init=False)
     """Whether a write since the last collection may have made garbage: a deletion, or an owner
     reference to no existing object. Other writes make none, so they skip the collector's scan."""
@@ -504,6 +549,11 @@ class KubeEmulator(kmock.KubernetesScaffold):
         self._shutting_down = True
         self._events_grew.set()
 
+    def requests_since(self, index: int) -> list[kmock.Request]:
+        """The requests served from the ``index``-th on, in order: what a poll for new calls reads
+        (``list(kube)`` copies every request ever served)."""
+        return self._requests[index:]
+
     def api_calls(self) -> collections.Counter[ApiCall]:
         """How many API calls were made, per verb and resource (discovery is not counted)."""
         return collections.Counter(call for request in self if (call := api_call(request)))
@@ -512,10 +562,8 @@ class KubeEmulator(kmock.KubernetesScaffold):
 
     def read_object(self, resource: kmock.resource, namespace: str | None, name: str) -> dict[str, Any] | None:
         """The object as stored now; None if there is none."""
-        key = (resource, namespace, name)
-        if key not in self._objects or self._objects[key].deleted:
-            return None
-        return copy.deepcopy(self._objects[key].raw)
+        stored = self._stored(resource, namespace, name)
+        return None if stored is None else copy.deepcopy(stored)
 
     def create_object(
         self, resource: kmock.resource, body: Mapping[str, Any], namespace: str | None = None
@@ -524,11 +572,11 @@ class KubeEmulator(kmock.KubernetesScaffold):
         info = self._served(resource)
         if not isinstance(body, Mapping):
             raise api_error(400, "the request body must be an object")
-        body = copy.deepcopy(dict(body))
+        body = dict(body)  # _write copies what it stores
         metadata = {key: value for key, value in (body.get("metadata") or {}).items() if key not in _SYSTEM_METADATA}
         namespace = self._creation_namespace(info, namespace, body)
         name = (body.get("metadata") or {}).get("name") or self._generated_name(resource, namespace, metadata)
-        if self.read_object(resource, namespace, name) is not None:
+        if self._stored(resource, namespace, name) is not None:
             raise api_error(409, f'{resource.plural} "{name}" already exists', "AlreadyExists", name=name)
         metadata |= {"name": name, "uid": secrets.token_hex(16), "creationTimestamp": now(), "generation": 1}
         if namespace is not None:
@@ -543,7 +591,7 @@ class KubeEmulator(kmock.KubernetesScaffold):
             served, served_info = crd_resource(stored)
             self.resources[served] = served_info
         self._collect_garbage()  # an owner that is already gone
-        return stored
+        return copy.deepcopy(stored)
 
     def patch_object(
         self,
@@ -558,7 +606,7 @@ class KubeEmulator(kmock.KubernetesScaffold):
         if content_type not in _PATCHES:
             raise api_error(415, f"Content-Type {content_type!r} is not emulated; use one of {sorted(_PATCHES)}")
         apply = _PATCHES[content_type]
-        return self._update(resource, namespace, name, lambda old: apply(old, patch), subresource)
+        return copy.deepcopy(self._update(resource, namespace, name, lambda old: apply(old, patch), subresource))
 
     def replace_object(
         self, resource: kmock.resource, namespace: str | None, name: str, body: Any, subresource: str | None = None
@@ -573,9 +621,9 @@ class KubeEmulator(kmock.KubernetesScaffold):
             if expected is not None and expected != old["metadata"]["resourceVersion"]:
                 message = f'Operation cannot be fulfilled on {resource.plural} "{name}": the object has been modified'
                 raise api_error(409, message, name=name)
-            return copy.deepcopy(dict(body))
+            return dict(body)
 
-        return self._update(resource, namespace, name, replace, subresource)
+        return copy.deepcopy(self._update(resource, namespace, name, replace, subresource))
 
     def delete_object(
         self, resource: kmock.resource, namespace: str | None, name: str, propagation: str = "Background"
@@ -588,7 +636,7 @@ class KubeEmulator(kmock.KubernetesScaffold):
         obj = self._existing(resource, namespace, name)
         deleted = self._delete(resource, obj, propagation)
         self._collect_garbage()
-        return deleted
+        return copy.deepcopy(deleted)
 
     # -------------------------------------------------------------------------- the kubelet's side
 
@@ -605,7 +653,7 @@ class KubeEmulator(kmock.KubernetesScaffold):
         """Report a pod's status as its kubelet would (see pod_status); returns the pod."""
         pod = self._existing(PODS, namespace, name)
         status = pod_status(pod, phase, containers, reason, message)
-        return self._update(PODS, namespace, name, lambda old: {**old, "status": status}, "status")
+        return copy.deepcopy(self._update(PODS, namespace, name, lambda old: {**old, "status": status}, "status"))
 
     # -------------------------------------------------------------------------- the Job controller's side
 
@@ -615,7 +663,7 @@ class KubeEmulator(kmock.KubernetesScaffold):
 
     def set_job_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> dict[str, Any]:
         """Report a Job's status as its controller would (see job_finished); returns the Job."""
-        return self._update(JOBS, namespace, name, lambda old: {**old, "status": copy.deepcopy(dict(status))}, "status")
+        return copy.deepcopy(self._update(JOBS, namespace, name, lambda old: {**old, "status": dict(status)}, "status"))
 
     # -------------------------------------------------------------------------- storage
 
@@ -624,8 +672,13 @@ class KubeEmulator(kmock.KubernetesScaffold):
             raise api_error(404, f"the server could not find the requested resource {resource}")
         return self.resources[resource]
 
+    def _stored(self, resource: kmock.resource, namespace: str | None, name: str) -> dict[str, Any] | None:
+        """The object as stored, to read, not to change (see _write); None if there is none."""
+        return self._existing_objects.get(resource, {}).get((namespace, name))
+
     def _existing(self, resource: kmock.resource, namespace: str | None, name: str) -> dict[str, Any]:
-        obj = self.read_object(resource, namespace, name)
+        """The object as stored, to read, not to change; 404 if there is none."""
+        obj = self._stored(resource, namespace, name)
         if obj is None:
             raise api_error(404, f'{resource.plural} "{name}" not found', name=name, kind=resource.plural)
         return obj
@@ -641,7 +694,7 @@ class KubeEmulator(kmock.KubernetesScaffold):
         namespace = namespace or in_body
         if not namespace:
             raise api_error(400, "a namespaced object needs a namespace, in the URL or metadata.namespace")
-        if self.read_object(NAMESPACES, None, namespace) is None:
+        if self._stored(NAMESPACES, None, namespace) is None:
             raise api_error(404, f'namespaces "{namespace}" not found', name=namespace, kind="namespaces")
         return namespace
 
@@ -652,18 +705,19 @@ class KubeEmulator(kmock.KubernetesScaffold):
         alphabet = string.ascii_lowercase + string.digits
         while True:  # as the API server: 5 random characters after the prefix
             name = prefix + "".join(secrets.choice(alphabet) for _ in range(5))
-            if self.read_object(resource, namespace, name) is None:
+            if self._stored(resource, namespace, name) is None:
                 return name
 
-    def _live(self, resource: kmock.resource | None = None) -> Iterator[tuple[kmock.resource, dict[str, Any]]]:
-        """Every object that exists (of ``resource``, if given), as stored: to read, not to change."""
-        for kind in [kind for kind in self._existing_objects if resource is None or kind == resource]:
+    def _live(self) -> Iterator[tuple[kmock.resource, dict[str, Any]]]:
+        """Every object that exists, as stored: to read, not to change."""
+        for kind in list(self._existing_objects):
             for obj in list(self._existing_objects[kind].values()):
                 yield kind, obj
 
     def _write(self, resource: kmock.resource, obj: dict[str, Any], event_type: str) -> dict[str, Any]:
         """The one place state changes: a new resourceVersion, a new version of the object (or its
-        removal), and a watch event."""
+        removal), and a watch event. What it stores is a copy, never changed in place afterwards,
+        so the watch event, lists and gets share it; it returns that, to read, not to change."""
         version = self.resource_version + 1
         obj = copy.deepcopy(obj)
         obj["metadata"]["resourceVersion"] = str(version)
@@ -675,14 +729,24 @@ class KubeEmulator(kmock.KubernetesScaffold):
         if event_type == "DELETED":
             self._objects[key].delete()
         self._index(resource, obj, event_type)
-        self._events.append(_Event(version, resource, event_type, copy.deepcopy(obj)))
+        self._events.append(_Event(version, resource, event_type, obj))
         self._events_grew.set()
         self._events_grew = asyncio.Event()
-        return copy.deepcopy(obj)
+        return obj
 
     def _index(self, resource: kmock.resource, obj: dict[str, Any], event_type: str) -> None:
         metadata = obj["metadata"]
         key = (metadata.get("namespace"), metadata["name"])
+        old = self._existing_objects[resource].get(key)
+        old_labels = labels_of(old).items() if old is not None else set()
+        new_labels = labels_of(obj).items() if event_type != "DELETED" else set()
+        labelled = self._labelled.setdefault(resource, {})
+        for label in old_labels - new_labels:
+            labelled[label].discard(key)
+            if not labelled[label]:
+                del labelled[label]
+        for label in new_labels - old_labels:
+            labelled.setdefault(label, set()).add(key)
         if event_type == "DELETED":
             self._existing_objects[resource].pop(key, None)
             self._existing_uids.discard(metadata["uid"])
@@ -713,7 +777,7 @@ class KubeEmulator(kmock.KubernetesScaffold):
         if subresource is not None and not (subresource == "status" and has_status):
             raise api_error(404, f"{resource.plural}/{subresource} is not served")
         old = self._existing(resource, namespace, name)
-        new = change(copy.deepcopy(old))
+        new = change(old)  # each change builds a new object and leaves old as stored
         if not isinstance(new, dict):
             raise api_error(422, f"the {resource.plural} {name} would not be an object after this change")
         if has_status:  # each endpoint changes only its own part
@@ -731,12 +795,11 @@ class KubeEmulator(kmock.KubernetesScaffold):
         metadata = obj["metadata"]
         if metadata.get("deletionTimestamp"):
             return obj  # already being deleted
-        if propagation == "Foreground":
-            metadata["finalizers"] = [*metadata.get("finalizers", []), FOREGROUND]
-        if not metadata.get("finalizers"):
+        finalizers = [*metadata.get("finalizers", []), *([FOREGROUND] if propagation == "Foreground" else [])]
+        if not finalizers:
             return self._write(resource, obj, "DELETED")
-        metadata |= {"deletionTimestamp": now(), "deletionGracePeriodSeconds": 0}
-        return self._write(resource, obj, "MODIFIED")
+        marked = {**metadata, "finalizers": finalizers, "deletionTimestamp": now(), "deletionGracePeriodSeconds": 0}
+        return self._write(resource, {**obj, "metadata": marked}, "MODIFIED")
 
     def _collect_garbage(self) -> None:
         """Do what the garbage collector would, until there is nothing left to do: delete objects
@@ -760,7 +823,7 @@ class KubeEmulator(kmock.KubernetesScaffold):
             metadata = obj["metadata"]
             owners = [by_uid.get(ref.get("uid")) for ref in metadata.get("ownerReferences", [])]
             if owners and not metadata.get("deletionTimestamp") and not any(map(holds, owners)):
-                self._delete(resource, copy.deepcopy(obj), "Background")
+                self._delete(resource, obj, "Background")
                 return True
             if FOREGROUND in metadata.get("finalizers", []) and metadata["uid"] not in owner_uids:
                 finalizers = [finalizer for finalizer in metadata["finalizers"] if finalizer != FOREGROUND]
@@ -795,31 +858,32 @@ class KubeEmulator(kmock.KubernetesScaffold):
             return await reaction(request)
         return await super()._handle(request)  # discovery, and what is not served: 404
 
-    def _selected(self, request: kmock.Request) -> Callable[[kmock.resource, Mapping[str, Any]], bool]:
-        """Whether an object is one a list or watch request asks for."""
+    @staticmethod
+    def _selected(request: kmock.Request) -> _Selection:
         if "fieldSelector" in request.params:
             raise api_error(400, "fieldSelector is not emulated; use labelSelector")
         selector = label_selector(request.params.get("labelSelector", ""))
+        return _Selection(request.resource, request.namespace, request.name, selector)
 
-        def selected(resource: kmock.resource, obj: Mapping[str, Any]) -> bool:
-            metadata = obj["metadata"]
-            return (
-                resource == request.resource
-                and (request.namespace is None or metadata.get("namespace") == request.namespace)
-                and (request.name is None or metadata["name"] == request.name)
-                and selector(labels_of(obj))
-            )
-
-        return selected
+    def _listed(self, request: kmock.Request) -> list[dict[str, Any]]:
+        """The existing objects a list request asks for (and a watch from no version starts with),
+        as stored, in the order of their namespace and name, as the API server lists them."""
+        selected = self._selected(request)
+        stored = self._existing_objects.get(request.resource, {})
+        if selected.labels.carried:  # only the objects that carry each of these labels can be selected
+            labelled = self._labelled.get(request.resource, {})
+            keys = set.intersection(*(labelled.get(label, set()) for label in selected.labels.carried))
+        else:
+            keys = stored.keys()
+        return [stored[key] for key in sorted(keys) if selected(request.resource, stored[key])]
 
     async def _serve_list(self, request: kmock.Request) -> dict[str, Any]:
         info = self._served(request.resource)
-        selected = self._selected(request)
         return {
             "apiVersion": api_version(request.resource),
             "kind": f"{info.kind}List",
             "metadata": {"resourceVersion": str(self.resource_version)},
-            "items": [obj for resource, obj in self._live(request.resource) if selected(resource, obj)],
+            "items": self._listed(request),
         }
 
     async def _serve_watch(self, request: kmock.Request) -> AsyncIterator[Any]:
@@ -834,9 +898,8 @@ class KubeEmulator(kmock.KubernetesScaffold):
         seen = int(since or 0)
         if seen == 0:  # no version: the present state first, as ADDED events
             seen = self.resource_version
-            for resource, obj in list(self._live(request.resource)):
-                if selected(resource, obj):
-                    yield {"type": "ADDED", "object": obj}
+            for obj in self._listed(request):
+                yield {"type": "ADDED", "object": obj}
         while not self._shutting_down:
             grew = self._events_grew
             start = bisect.bisect_right(self._events, seen, key=lambda event: event.resource_version)

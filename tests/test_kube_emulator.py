@@ -307,6 +307,51 @@ async def test_list_and_watch_return_only_what_the_label_selector_selects(kube: 
     assert status == 400 and "labelSelector" in body["message"]
 
 
+@pytest.mark.asyncio
+async def test_lists_by_label_return_what_a_scan_of_every_object_would_through_label_changes(kube: KubeEmulator):
+    """Lists that select by label read an index by label: it follows labels added, changed and
+    removed, deletions and re-creations, and lists come in the order of namespace and name."""
+    kube.create_object(NAMESPACES, {"metadata": {"name": "other"}})
+    for namespace in ("other", "default"):
+        for name, labels in reversed(LABELLED.items()):
+            kube.create_object(CONFIGMAPS, {"metadata": {"name": name, "labels": labels}}, namespace)
+    kube.patch_object(CONFIGMAPS, "default", "a", {"metadata": {"labels": {"app": None, "tier": "trainer"}}})
+    kube.patch_object(CONFIGMAPS, "default", "x", {"metadata": {"labels": {"app": "grpo"}}})
+    kube.delete_object(CONFIGMAPS, "other", "ab")
+    kube.create_object(CONFIGMAPS, {"metadata": {"name": "ab", "labels": {"app": "other"}}}, "other")
+    kube.delete_object(CONFIGMAPS, "other", "ac")
+
+    async def listed(namespace: str | None, selector: str) -> list[tuple[str, str]]:
+        async with kube.get(resource_path(CONFIGMAPS, namespace), params={"labelSelector": selector}) as response:
+            return [(item["metadata"]["namespace"], item["metadata"]["name"]) for item in (await response.json())["items"]]
+
+    stored = [obj.raw for (resource, _, _), obj in kube.objects.items() if resource == CONFIGMAPS and not obj.deleted]
+    for selector in ("app=grpo", "app=grpo,tier=trainer", "tier==trainer,app!=grpo", "app=other", "app=gone", "tier", ""):
+        matches = label_selector(selector)
+        scanned = sorted((obj["metadata"]["namespace"], obj["metadata"]["name"])
+                         for obj in stored if matches(obj["metadata"].get("labels") or {}))
+        assert await listed(None, selector) == scanned, selector
+        assert await listed("other", selector) == [key for key in scanned if key[0] == "other"], selector
+    assert await listed(None, "app=grpo") == [("default", "ab"), ("default", "ac"), ("default", "x"), ("other", "a")]
+
+
+@pytest.mark.asyncio
+async def test_what_the_emulator_takes_and_returns_are_copies_of_what_it_stores(kube: KubeEmulator):
+    body = {"metadata": {"name": "c", "labels": {"app": "grpo"}}, "data": {"k": "v"}}
+    created = kube.create_object(CONFIGMAPS, body, "default")
+    patched = kube.patch_object(CONFIGMAPS, "default", "c", {"data": {"k2": "v2"}})
+    for returned in (body, created, patched, kube.read_object(CONFIGMAPS, "default", "c")):
+        returned["data"]["k"] = "changed"
+        returned["metadata"]["labels"]["app"] = "changed"
+
+    assert kube.read_object(CONFIGMAPS, "default", "c")["data"] == {"k": "v", "k2": "v2"}
+    assert [dict(version["data"]) for version in kube.objects[CONFIGMAPS, "default", "c"].history] == [
+        {"k": "v"}, {"k": "v", "k2": "v2"}
+    ]
+    _, listed = await call(kube, "GET", resource_path(CONFIGMAPS, "default") + "?labelSelector=app%3Dgrpo")
+    assert [item["data"] for item in listed["items"]] == [{"k": "v", "k2": "v2"}]
+
+
 # ------------------------------------------------------------------------------ deletion
 
 

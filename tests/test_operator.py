@@ -35,7 +35,10 @@ from kube_emulator import (
     ROLEBINDINGS,
     ROLES,
     SERVICEACCOUNTS,
+    ApiCall,
+    Fault,
     KubeEmulator,
+    api_call,
     eventually,
     job_finished,
     running_operator,
@@ -389,6 +392,66 @@ async def test_a_restarted_operator_adopts_the_pod_whose_status_it_never_wrote(k
     async with operator(kube):
         await eventually(lambda: condition(status_of(kube), "Created").get("status") == "True")
     assert status_of(kube)["attempt"] == 1 and list(pods_ever(kube)) == [pod_name("run", 1)]
+
+
+def operator_calls(kube: KubeEmulator, since: int, call: ApiCall) -> int:
+    """How many of the requests from the ``since``-th on were this call, made by the operator's reconcile."""
+    return sum(1 for r in list(kube)[since:] if r.headers.get("User-Agent") == USER_AGENT and api_call(r) == call)
+
+
+@contextlib.asynccontextmanager
+async def operator_listing_pods_late(kube: KubeEmulator) -> AsyncIterator[Fault]:
+    """The operator, with kopf's listing of the pods held back until the test sets the fault
+    yielded to 0 times: answered 429 Too Many Requests, which kopf retries for as long as it takes."""
+    held = kube.fail(10**9, 429, verb="list", resource="pods", when=lambda r: r.headers.get("User-Agent") != USER_AGENT)
+    configuration = kubernetes.client.Configuration(host=str(kube.url).rstrip("/"))
+    memo = kopf.Memo(cluster=Cluster(kubernetes.client.ApiClient(configuration)))
+    async with running_operator(str(kube.url), kopf.get_default_registry(), namespaces=[NS], memo=memo):
+        yield held
+
+
+@pytest.mark.asyncio
+async def test_a_restarted_operator_passes_each_run_once(kube: KubeEmulator):
+    """kopf's first listing of the pods sends an event for each, here after every run's first
+    pass: none of them wakes a run whose pass read that version of its pod. The first passes take
+    the runs as kopf listed them, without reading them again."""
+    names = [f"run-{index}" for index in range(4)]
+    async with operator(kube):
+        for name in names:
+            kube.create_object(GRPORUNS, manifest(name), NS)
+        await eventually(lambda: all(condition(status_of(kube, name), "Created").get("status") == "True" for name in names))
+    for name in names:  # while the operator is down, the pods start
+        kube.set_pod_status(NS, pod_name(name, 1), "Running")
+
+    passes, calls = metric("grpo_operator_reconcile_passes_total"), len(list(kube))
+    async with operator_listing_pods_late(kube) as listing:
+        await eventually(lambda: all(status_of(kube, name).get("phase") == "Running" for name in names))
+        listing.times = 0
+        # A change after the listing wakes its run, once kopf has handled the listing's events.
+        kube.set_pod_status(NS, pod_name(names[0], 1), "Succeeded", containers={"trainer": terminated(0, message=COMPLETED)})
+        await eventually(lambda: status_of(kube, names[0]).get("phase") == "Succeeded")
+
+    assert metric("grpo_operator_reconcile_passes_total") - passes == len(names) + 1
+    assert operator_calls(kube, calls, ApiCall("list", "pods")) == len(names) + 1
+    assert operator_calls(kube, calls, ApiCall("get", "grporuns")) == 1  # the second pass of names[0]
+
+
+@pytest.mark.asyncio
+async def test_a_pod_changed_between_a_pass_and_kopfs_listing_wakes_its_run(kube: KubeEmulator):
+    """The version kopf lists is not the one the run's pass read: the run is passed again at
+    once, not at the 5-minute resync."""
+    async with operator(kube):
+        kube.create_object(GRPORUNS, manifest(), NS)
+        await eventually(lambda: condition(status_of(kube), "Created").get("status") == "True")
+    report(kube, 1, "Running")  # while the operator is down
+
+    async with operator_listing_pods_late(kube) as listing:
+        await eventually(phase_is(kube, "Running"))  # the run's first pass
+        end(kube, 1, "completed")  # no watch tells the operator yet
+        await asyncio.sleep(0.2)
+        assert status_of(kube)["phase"] == "Running"
+        listing.times = 0
+        await eventually(phase_is(kube, "Succeeded"))
 
 
 @pytest.mark.slow
@@ -776,9 +839,14 @@ async def test_urgent_passes_go_before_every_waiting_routine_pass():
     passes, started, busy = Passes(1), [], threading.Event()
 
     async def submit(name: str, urgent: bool) -> None:
-        await passes.run(urgent, started.append, name)
+        async with passes.turn(urgent):
+            started.append(name)
 
-    first = asyncio.create_task(passes.run(False, busy.wait))  # the one worker, busy till the rest wait
+    async def hold() -> None:
+        async with passes.turn(False):
+            await asyncio.to_thread(busy.wait)
+
+    first = asyncio.create_task(hold())  # the one worker, busy till the rest wait
     await asyncio.sleep(0)
     waiting = [asyncio.create_task(submit(name, urgent)) for name, urgent in
                (("resident-1", False), ("resident-2", False), ("new", True), ("resident-3", False))]
@@ -788,3 +856,32 @@ async def test_urgent_passes_go_before_every_waiting_routine_pass():
     busy.set()
     await asyncio.gather(first, *waiting)
     assert started == ["new", "resident-1", "resident-2", "resident-3"]
+
+
+def test_a_pod_wakes_its_run_only_in_a_version_the_last_pass_did_not_read():
+    from grpo_operator.handlers import Wakeup
+
+    def woken(wakeup: Wakeup) -> bool:
+        return wakeup._event.is_set()
+
+    wakeup = Wakeup()
+    wakeup.pass_begins()
+    wakeup.watched("pod", "7")  # during the pass: judged once it is done
+    wakeup.watched("job", "8")
+    assert not woken(wakeup)
+    wakeup.pass_ended(read={"pod": "7", "job": "8"})
+    assert not woken(wakeup), "the pass read both versions"
+    wakeup.watched("pod", "7")  # kopf's listing, after the pass
+    assert not woken(wakeup)
+    wakeup.watched("pod", "9")
+    assert woken(wakeup)
+
+    wakeup.pass_begins()
+    wakeup.watched("pod", "10")  # a version newer than the one the pass reads
+    wakeup.pass_ended(read={"pod": "9"})
+    assert woken(wakeup)
+
+    wakeup.pass_begins()
+    wakeup.watched("pod", "11")
+    wakeup.pass_ended(read=None)  # the pass failed: what the last one read stands
+    assert woken(wakeup)

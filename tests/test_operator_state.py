@@ -29,6 +29,7 @@ from grpo_operator.state import (
     decide,
     observe_evaluations,
     observe_pod,
+    owned,
     validate_body,
     watches_evaluations,
 )
@@ -211,6 +212,14 @@ def test_observe_pod_reads_attempt_deletion_sidecar_readiness_and_the_terminatio
     unlabelled = training()
     del unlabelled["metadata"]["labels"][ATTEMPT_LABEL]
     assert observe_pod(unlabelled).attempt == 0
+
+
+def test_owned_keeps_what_one_of_the_owners_owns():
+    def labelled(name: str, *owners: str) -> dict:
+        return {"metadata": {"name": name, "ownerReferences": [{"uid": uid} for uid in owners]}}
+
+    listed = [labelled("ours", "run"), labelled("a job's", "job"), labelled("a deleted run's", "old-run"), labelled("orphan")]
+    assert [obj["metadata"]["name"] for obj in owned(listed, {"run", "job"})] == ["ours", "a job's"]
 
 
 # ---------------------------------------------------------------------------------------- decide

@@ -11,7 +11,7 @@ Every write carries the operator's field manager; the trainer patches its run's 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import kubernetes
@@ -77,19 +77,19 @@ class Cluster:
                 return None
             raise
 
-    def list_pods(self, run: Mapping[str, Any], jobs: Iterable[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
-        """The run's pods: those with its label that it owns, or that one of its ``jobs`` owns (a
-        deleted run of the same name may have left pods for the garbage collector to remove)."""
+    def list_pods(self, run: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """The pods with the run's labels: its own, its evaluation Jobs', and any that a deleted run
+        of the same name left for the garbage collector (state.owned tells them apart)."""
         metadata = run["metadata"]
-        owners = {metadata["uid"], *(job["metadata"]["uid"] for job in jobs)}
         response = self._core.list_namespaced_pod(metadata["namespace"], label_selector=_selector(run), _preload_content=False)
-        return _owned(_items(response), owners)
+        return _items(response)
 
     def list_jobs(self, run: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """The run's evaluation Jobs: those with its label that it owns."""
+        """The Jobs with the run's labels: its evaluation Jobs, and any that a deleted run of the
+        same name left."""
         metadata = run["metadata"]
         response = self._batch.list_namespaced_job(metadata["namespace"], label_selector=_selector(run), _preload_content=False)
-        return _owned(_items(response), {metadata["uid"]})
+        return _items(response)
 
     def create(self, manifest: Mapping[str, Any]) -> bool:
         """Create an object; False if one of its name exists already."""
@@ -150,7 +150,3 @@ def _items(response: Any) -> list[dict[str, Any]]:
     """The items of a list made with _preload_content=False: urllib3's response, read as JSON without
     building the client's models (the client's annotations name the models, not this)."""
     return json.loads(response.data)["items"]
-
-
-def _owned(objects: list[dict[str, Any]], owners: set[str]) -> list[dict[str, Any]]:
-    return [obj for obj in objects if any(ref.get("uid") in owners for ref in obj["metadata"].get("ownerReferences") or [])]

@@ -2,9 +2,10 @@
 
 Each run gets one reconcile loop, a kopf daemon, like a controller-runtime worker for its key: it
 reads the run, its evaluation Jobs and its pods from the API server, asks
-:func:`grpo_operator.state.decide` what to do, does it, and sleeps until a pod or Job of the run,
-the run's spec, or (evaluating every checkpoint) its latest checkpoint changes, or until the time
-the decision asked to come back (a backoff, the deadline, the TTL). Level-based: each pass looks only at what is
+:func:`grpo_operator.state.decide` what to do, does it, and sleeps until a pod or Job of the run
+is in a version its last pass did not read, the run's spec or (evaluating every checkpoint) its
+latest checkpoint changes, or the time comes that the decision asked to come back at (a backoff,
+the deadline, the TTL). Level-based: each pass looks only at what is
 stored now, so an event missed, repeated, or lost with an operator restart changes nothing. One loop
 per run means one reconcile at a time per run, as the attempt protocol in state.py needs.
 
@@ -17,9 +18,10 @@ handlers return nothing, so kopf writes no results into the status either.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from operator import attrgetter
@@ -31,7 +33,15 @@ import urllib3
 from grpo_operator import manifests, metrics
 from grpo_operator.cluster import ApiException, Cluster
 from grpo_operator.manifests import APP_LABEL, EVALUATION_LABEL, RUN_LABEL
-from grpo_operator.state import ABSENT, decide, observe_evaluations, observe_pod, validate_body, watches_evaluations
+from grpo_operator.state import (
+    ABSENT,
+    decide,
+    observe_evaluations,
+    observe_pod,
+    owned,
+    validate_body,
+    watches_evaluations,
+)
 from grpo_trainer.spec import API_GROUP, API_VERSION, PLURAL, GRPORun, GRPORunStatus
 from grpo_trainer.validation import FieldError
 
@@ -72,7 +82,9 @@ class Passes:
         self._urgent: deque[asyncio.Future[None]] = deque()
         self._routine: deque[asyncio.Future[None]] = deque()
 
-    async def run(self, urgent: bool, function: Callable[..., Any], *args: Any) -> Any:
+    @contextlib.asynccontextmanager
+    async def turn(self, urgent: bool) -> AsyncIterator[None]:
+        """A worker for the block: run the pass in a thread (asyncio.to_thread) within it."""
         if self._free and not (self._urgent or self._routine):
             self._free -= 1
         else:
@@ -85,7 +97,7 @@ class Passes:
                     self._release()
                 raise
         try:
-            return await asyncio.to_thread(function, *args)
+            yield
         finally:
             self._release()
 
@@ -119,7 +131,7 @@ def configure(settings: kopf.OperatorSettings) -> None:
 @kopf.on.startup()
 def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     configure(settings)
-    memo.wakeups = {}  # (namespace, run name) → the asyncio.Event its loop sleeps on
+    memo.wakeups = {}  # (namespace, run name) → the Wakeup its loop sleeps on
     memo.checkpoints = {}  # (namespace, run name) → the step of the latest checkpoint a wake-up was for
     backoffs = settings.networking.error_backoffs
     memo.retry_delays = (list(backoffs) if isinstance(backoffs, Iterable) else [backoffs]) or [1.0]
@@ -141,6 +153,7 @@ async def reconcile_loop(
     namespace: str | None,
     name: str,
     body: kopf.Body,
+    retry: int,
     memo: kopf.Memo,
     stopped: kopf.DaemonStopped,
     logger: kopf.Logger,
@@ -150,26 +163,37 @@ async def reconcile_loop(
     ``body`` is the run as last watched: kopf updates a daemon's in place."""
     assert namespace is not None  # GRPORuns are namespaced
     key = (namespace, name)
-    wakeup = memo.wakeups[key] = asyncio.Event()
+    wakeup = memo.wakeups[key] = Wakeup()
     validation = Validation()
     failures = 0
+    # The first pass takes the run as kopf last watched it instead of reading it (after a restart,
+    # a thousand reads fewer). Safe only while this process has written nothing to the run, so
+    # that kopf's copy is no older than any write the pass must see: not in a loop kopf restarted
+    # after a failure (retry > 0), and not after that pass. A change since wakes the next pass.
+    takes_watched_body = retry == 0
     try:
         while not stopped:
-            wakeup.clear()  # before reading: a change from now on wakes the next pass
+            wakeup.pass_begins()
             metrics.RECONCILE_PASSES.inc()
             try:
-                requeue_at = await memo.passes.run(
-                    _new_generation(body.metadata, body.status),
-                    reconcile, memo.cluster, namespace, name, validation, memo.default_images,
-                )
+                async with memo.passes.turn(_new_generation(body.metadata, body.status)):
+                    # kopf replaces the body's source whole, on this thread: a consistent snapshot.
+                    watched = dict(body) if takes_watched_body else None
+                    takes_watched_body = False
+                    done = await asyncio.to_thread(
+                        reconcile, memo.cluster, namespace, name, validation, memo.default_images, watched
+                    )
             except API_ERRORS as error:  # retried as kopf retries its own API calls
                 metrics.RECONCILE_ERRORS.inc()
                 delay = memo.retry_delays[min(failures, len(memo.retry_delays) - 1)]
                 failures += 1
                 logger.warning(f"reconcile failed, again in {delay} s: {_describe(error)}")
+                wakeup.pass_ended(read=None)
                 requeue_at = datetime.now(UTC) + timedelta(seconds=delay)
             else:
                 failures = 0
+                wakeup.pass_ended(read=done.read)
+                requeue_at = done.requeue_at
             await _sleep(requeue_at, wakeup, stopped)
     finally:
         if memo.wakeups.get(key) is wakeup:  # a new run of the same name may have its own loop by now
@@ -205,26 +229,89 @@ async def wake_on_new_checkpoint(
         _wake(memo, namespace, name)
 
 
-@kopf.on.event(*PODS, labels=POD_LABELS)
-async def wake_on_pod_change(namespace: str | None, labels: Mapping[str, str], memo: kopf.Memo, **_: Any) -> None:
-    """A pod of a run (a trainer or an evaluation) was created, changed or deleted: its run's loop
-    reconciles now."""
-    _wake(memo, namespace, labels[RUN_LABEL])
+def _unread(namespace: str | None, labels: Mapping[str, str], meta: Mapping[str, Any], memo: kopf.Memo, **_: Any) -> bool:
+    """Whether the run's loop has started and its last pass did not read this version of its pod or
+    Job: otherwise the event changes nothing, and kopf need not call (nor log) the handler."""
+    wakeup = memo.wakeups.get((namespace, labels[RUN_LABEL]))
+    return wakeup is not None and wakeup.unread(meta["uid"], meta["resourceVersion"])
 
 
-@kopf.on.event(*JOBS, labels=POD_LABELS)
-async def wake_on_job_change(namespace: str | None, labels: Mapping[str, str], memo: kopf.Memo, **_: Any) -> None:
-    """An evaluation Job of a run changed (it finished, say): its run's loop reconciles now."""
-    _wake(memo, namespace, labels[RUN_LABEL])
+@kopf.on.event(*PODS, labels=POD_LABELS, when=_unread)
+async def wake_on_pod_change(
+    namespace: str | None, labels: Mapping[str, str], meta: Mapping[str, Any], memo: kopf.Memo, **_: Any
+) -> None:
+    """A pod of a run (a trainer or an evaluation) was created, changed or deleted, or kopf lists
+    it: its run's loop reconciles now, unless its last pass read this version of the pod."""
+    _wake(memo, namespace, labels[RUN_LABEL], meta)
 
 
-def _wake(memo: kopf.Memo, namespace: str | None, name: str) -> None:
+@kopf.on.event(*JOBS, labels=POD_LABELS, when=_unread)
+async def wake_on_job_change(
+    namespace: str | None, labels: Mapping[str, str], meta: Mapping[str, Any], memo: kopf.Memo, **_: Any
+) -> None:
+    """An evaluation Job of a run changed (it finished, say), or kopf lists it: its run's loop
+    reconciles now, unless its last pass read this version of the Job."""
+    _wake(memo, namespace, labels[RUN_LABEL], meta)
+
+
+def _wake(memo: kopf.Memo, namespace: str | None, name: str, meta: Mapping[str, Any] | None = None) -> None:
+    """Wake the run's loop; for a pod or Job (its ``meta``), only if its last pass did not read that version."""
     wakeup = memo.wakeups.get((namespace, name))
-    if wakeup is not None:  # none: the loop has not started yet, and will read the change when it does
+    if wakeup is None:  # the loop has not started yet, and will read the change when it does
+        return
+    if meta is None:
         wakeup.set()
+    else:
+        wakeup.watched(meta["uid"], meta["resourceVersion"])
 
 
-async def _sleep(until: datetime | None, wakeup: asyncio.Event, stopped: kopf.DaemonStopped) -> None:
+class Wakeup:
+    """What a run's loop sleeps on between passes. A pod or Job wakes it only in a version that
+    its last pass did not read: after a restart, kopf's first listing sends an event for every pod
+    and Job, which would otherwise pass each run again right after its first pass. A version
+    watched while a pass is under way is judged against what that pass read, once it is done."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        self._read: Mapping[str, str] = {}  # uid → resourceVersion of each pod and Job the last pass listed
+        self._watched_in_pass: dict[str, str] | None = None  # uid → latest version watched; None: no pass under way
+
+    def set(self) -> None:
+        """Wake the loop, whatever its last pass read."""
+        self._event.set()
+
+    def unread(self, uid: str, version: str) -> bool:
+        """Whether the last pass did not read this version of the pod or Job."""
+        return self._read.get(uid) != version
+
+    def watched(self, uid: str, version: str) -> None:
+        """A watch event (or kopf's listing) says a pod or Job of the run is in this version now."""
+        if not self.unread(uid, version):
+            return
+        if self._watched_in_pass is None:
+            self._event.set()
+        else:
+            self._watched_in_pass[uid] = version
+
+    def pass_begins(self) -> None:
+        """Before the pass reads anything: a change from now on wakes the next pass, unless this one read it."""
+        self._event.clear()
+        self._watched_in_pass = {}
+
+    def pass_ended(self, read: Mapping[str, str] | None) -> None:
+        """``read``: the version of each pod and Job the pass listed, by uid; None if it failed
+        (the last pass's reading stands; the loop retries anyway)."""
+        watched, self._watched_in_pass = self._watched_in_pass or {}, None
+        if read is not None:
+            self._read = read
+        if any(self._read.get(uid) != version for uid, version in watched.items()):
+            self._event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+async def _sleep(until: datetime | None, wakeup: Wakeup, stopped: kopf.DaemonStopped) -> None:
     """Until the time comes (at most RESYNC from now), the run's loop is woken, or kopf stops it."""
     now = datetime.now(UTC)
     seconds = (min(until, now + RESYNC) if until is not None else now + RESYNC) - now
@@ -260,25 +347,39 @@ class Validation:
         return self.result
 
 
+@dataclass(frozen=True)
+class Pass:
+    requeue_at: datetime | None
+    """When to come back even if nothing changes."""
+    read: Mapping[str, str]
+    """The resourceVersion of each pod and Job the pass listed, by uid."""
+
+
 def reconcile(
     cluster: Cluster,
     namespace: str,
     name: str,
     validation: Validation,
     default_images: Mapping[str, str] = manifests.DEFAULT_IMAGES,
-) -> datetime | None:
-    """One pass: read the run, then its evaluation Jobs if it has any to watch, then its pods (in
-    that order, as decide requires), decide, act. Returns when to come back even if nothing changes.
-    A run that names no images gets ``default_images``."""
-    body = cluster.read_run(namespace, name)
+    watched: Mapping[str, Any] | None = None,
+) -> Pass:
+    """One pass: read the run (or take ``watched``, the run as kopf last watched it, when the
+    caller knows it is recent enough: see reconcile_loop), then its evaluation Jobs if it has any to
+    watch, then its pods (in that order, as decide requires), decide, act. A run that names no
+    images gets ``default_images``."""
+    body = watched if watched is not None else cluster.read_run(namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
-        return None  # kopf stops this loop
+        return Pass(None, {})  # kopf stops this loop
     run = validation.of(body)
     stored = body.get("status") or {}
     status = GRPORunStatus.model_validate(stored)
     spec = run.spec if isinstance(run, GRPORun) else run
-    jobs = cluster.list_jobs(body) if watches_evaluations(spec, status) else []
-    pods = cluster.list_pods(body, jobs)
+    listed_jobs = cluster.list_jobs(body) if watches_evaluations(spec, status) else []
+    listed_pods = cluster.list_pods(body)
+    uid = body["metadata"]["uid"]
+    jobs = owned(listed_jobs, {uid})
+    pods = owned(listed_pods, {uid, *(job["metadata"]["uid"] for job in jobs)})
+    read = {obj["metadata"]["uid"]: obj["metadata"]["resourceVersion"] for obj in (*listed_jobs, *listed_pods)}
     trainers, evaluators = [], []
     for pod in pods:
         (evaluators if EVALUATION_LABEL in (pod["metadata"].get("labels") or {}) else trainers).append(pod)
@@ -310,7 +411,7 @@ def reconcile(
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)  # pyright: ignore[reportArgumentType]
     if decision.delete_run:
         cluster.delete_run(namespace, name)
-    return decision.requeue_at
+    return Pass(decision.requeue_at, read)
 
 
 def status_patch(stored: Mapping[str, Any], decided: GRPORunStatus) -> dict[str, Any]:

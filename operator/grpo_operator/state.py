@@ -40,7 +40,7 @@ picks the best checkpoint.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -119,6 +119,12 @@ def _reason(text: Any, default: str) -> str:
     """``text`` when it can be a condition reason (Kubernetes' own are); else ``default``. Pod
     reasons such as OutOfnvidia.com/gpu and a trainer's free-form reason cannot."""
     return text if isinstance(text, str) and len(text) <= 1024 and _REASON.match(text) else default
+
+
+def owned(objects: Iterable[Mapping[str, Any]], owners: Collection[str]) -> list[Mapping[str, Any]]:
+    """The objects that one of ``owners`` (uids) owns. A run's labels alone are not enough: a
+    deleted run of the same name may have left pods and Jobs for the garbage collector to remove."""
+    return [obj for obj in objects if any(ref.get("uid") in owners for ref in obj["metadata"].get("ownerReferences") or [])]
 
 
 def observe_pod(pod: Mapping[str, Any] | None) -> PodObservation:
