@@ -163,16 +163,18 @@ def test_train_leaves_the_operator_a_termination_message(tiny_model_dir, tmp_pat
 
 
 def test_batched_log_probs_equal_each_sequence_on_its_own(tiny_model_dir):
-    """Left-padded prompts, right-padded completions and logits kept only at completion columns
-    give every row the log-probs (and entropies) of its own unpadded forward pass."""
+    """Left-padded prompts, right-padded completions, logits kept only at completion columns and
+    rows that share a prompt (the first and the last) give every row the log-probs (and entropies)
+    of its own unpadded forward pass."""
     from grpo_trainer.rollout import Rollouts
     from grpo_trainer.train import _completion_logps, _padded_batch
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).eval()
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(5, 500, (n,), generator=generator).tolist() for n in (7, 3, 11, 3)]
-    completions = [torch.randint(5, 500, (n,), generator=generator).tolist() for n in (4, 9, 1, 6)]
-    rollouts = Rollouts(prompts, completions, [[0.0] * len(c) for c in completions], [False, True, False, False])
+    prompts.append(prompts[0])
+    completions = [torch.randint(5, 500, (n,), generator=generator).tolist() for n in (4, 9, 1, 6, 5)]
+    rollouts = Rollouts(prompts, completions, [[0.0] * len(c) for c in completions], [False, True, False, False, False])
     batch = _padded_batch(rollouts, pad_id=0, device=torch.device("cpu"))
     with torch.no_grad():
         logps, entropy = _completion_logps(model, batch, temperature=0.7)

@@ -74,6 +74,8 @@ def build_engine(model: PreTrainedModel, grpo: GRPOSpec):
 
     on_gpu = torch.cuda.is_available()
     if grpo.gradient_checkpointing:
+        # Non-reentrant: the prompt's keys and values reach a layer through its cache, not as arguments
+        # (grpo_trainer.shared_prompts), and only the non-reentrant checkpoint carries their gradient.
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     # fused: one kernel for the whole update instead of a dozen per parameter tensor (CPU and CUDA).
     optimizer = torch.optim.AdamW(

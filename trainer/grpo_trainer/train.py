@@ -43,6 +43,7 @@ from grpo_trainer.model import ModelError, eos_token_ids, load_model, load_token
 from grpo_trainer.preemption import Preemption
 from grpo_trainer.rewards import RewardScorer
 from grpo_trainer.rollout import Rollouts, Sampler, TransformersSampler
+from grpo_trainer.shared_prompts import completion_hidden_states
 from grpo_trainer.spec import CheckpointSpec, GRPORun, RolloutSpec
 from grpo_trainer.status_report import StatusReporter
 from grpo_trainer.storage import LocalStorage, Storage, StorageError, StorageFullError
@@ -57,8 +58,8 @@ ROOM_ADVICE = "free space there, give the run a larger volume, or keep fewer che
 @dataclass
 class Batch:
     """One rank's completions of a step as tensors. Prompts are left-padded and completions
-    right-padded, so every completion starts at the same column and the model's output layer runs
-    only on the columns that predict completion tokens."""
+    right-padded, so every completion starts at the same column: the model's output layer runs only
+    on the columns that predict completion tokens, and the rows of one prompt share its forward."""
 
     input_ids: torch.Tensor  # [B, P + T] left-padded prompt, then right-padded completion
     attention_mask: torch.Tensor  # [B, P + T]
@@ -465,35 +466,18 @@ def _rows(batch: Batch, rows: slice) -> Batch:
 def _completion_logps(model, batch: Batch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """log π(o_t | q, o_<t) of each completion token at the sampling temperature, and the entropy of
     π at that position, both [B, T] (0 past a completion's end). The model runs without its output
-    layer (no logits at all); the final hidden states at the columns that predict completion tokens
-    (column c predicts the token at c + 1) then go through it in chunks of tokens, forward and
-    backward (grpo_trainer.logprobs), so memory never holds [B, T, vocabulary] logits."""
-    width = batch.completion_ids.shape[1]
-    causal_lm = getattr(model, "module", model)  # the model itself under the DeepSpeed engine
-    with _final_hidden_states(causal_lm) as hidden:
-        model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            logits_to_keep=torch.zeros(0, dtype=torch.long, device=batch.input_ids.device),
-        )
+    layer (no logits at all), each distinct prompt once (grpo_trainer.shared_prompts); the final
+    hidden states that predict completion tokens then go through it in chunks of tokens, forward
+    and backward (grpo_trainer.logprobs), so memory never holds [B, T, vocabulary] logits."""
     mask = batch.completion_mask.bool()
+    hidden = completion_hidden_states(
+        model, batch.input_ids, batch.attention_mask, batch.position_ids, batch.completion_ids.shape[1]
+    )
+    causal_lm = getattr(model, "module", model)  # the model itself under the DeepSpeed engine
     logps, entropy = token_log_probs(
-        hidden[0][:, -width - 1 : -1][mask], causal_lm.get_output_embeddings(), batch.completion_ids[mask], temperature
+        hidden[mask], causal_lm.get_output_embeddings(), batch.completion_ids[mask], temperature
     )
     return _unflatten(logps, mask), _unflatten(entropy, mask)
-
-
-@contextmanager
-def _final_hidden_states(causal_lm) -> Iterator[list[torch.Tensor]]:
-    """A list that receives the decoder's last hidden state [B, S, H] (after its final norm) when
-    ``causal_lm`` runs: the input of its output layer."""
-    hidden: list[torch.Tensor] = []
-    hook = causal_lm.get_decoder().register_forward_hook(lambda module, args, output: hidden.append(output[0]))
-    try:
-        yield hidden
-    finally:
-        hook.remove()
 
 
 def _unflatten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
