@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 CHUNK_ELEMENTS = 2**25
 """Logits per chunk (128 MiB in float32): 220 tokens of a 151,936-token vocabulary, 682 of 49,152.
@@ -83,12 +84,12 @@ class _ChunkedLogProbs(torch.autograd.Function):
             g = grad_logps[rows, None].float()
             grad_logits = logits.sub_(logsumexp[rows, None]).exp_().mul_(-g)  # −g·p, in place
             grad_logits.scatter_add_(-1, tokens[rows, None], g).div_(ctx.temperature)  # + g·onehot, / τ
-            if needs_bias:
+            if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
             grad_logits = grad_logits.to(hidden.dtype)
-            if needs_hidden:
+            if grad_hidden is not None:
                 grad_hidden[rows] = grad_logits @ weight
-            if needs_weight:
+            if grad_weight is not None:
                 grad_weight += grad_logits.t() @ hidden[rows]
         grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
         grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
@@ -112,7 +113,7 @@ def _checkpointed_log_probs(hidden, lm_head, tokens, temperature, chunk_tokens):
         return log_probs.gather(-1, token_rows[:, None]).squeeze(-1), entropy.detach()
 
     parts = [
-        torch.utils.checkpoint.checkpoint(chunk, hidden[rows], tokens[rows], use_reentrant=False)
+        checkpoint(chunk, hidden[rows], tokens[rows], use_reentrant=False)
         if torch.is_grad_enabled()
         else chunk(hidden[rows], tokens[rows])
         for rows in _chunks(len(tokens), chunk_tokens)
@@ -128,4 +129,6 @@ def _chunks(total: int, size: int) -> list[slice]:
 
 
 def _vocabulary(lm_head: nn.Module) -> int:
-    return getattr(lm_head, "out_features", None) or lm_head.weight.shape[0]
+    weight = lm_head.weight
+    assert isinstance(weight, Tensor)  # an output layer holds its [vocabulary, hidden] weight
+    return weight.shape[0]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any, cast
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
@@ -91,6 +92,11 @@ class PromptStates(Cache):
     def __init__(self):
         super().__init__(layer_class_to_replicate=_StoredStates)
 
+    @property
+    def stored_layers(self) -> list[_StoredStates]:
+        """Its layers, each a _StoredStates: the class it replicates for every layer its forward runs."""
+        return cast("list[_StoredStates]", self.layers)
+
 
 class _StoredStates(DynamicLayer):
     def update(self, key_states, value_states, *args, **kwargs):
@@ -104,7 +110,8 @@ class StatesAfterPrompts(Cache):
     ``prompt_of_row[b]`` of ``prompts``. Nothing is stored, so a recomputation reads the same states."""
 
     def __init__(self, prompts: PromptStates, prompt_of_row: torch.Tensor):
-        super().__init__(layers=[_StatesAfterPrompt(layer, prompt_of_row) for layer in prompts.layers])
+        layers: list[Any] = [_StatesAfterPrompt(layer, prompt_of_row) for layer in prompts.stored_layers]
+        super().__init__(layers=layers)
 
 
 class _StatesAfterPrompt(DynamicLayer):
@@ -114,9 +121,11 @@ class _StatesAfterPrompt(DynamicLayer):
         self.prompt_of_row = prompt_of_row
 
     def update(self, key_states, value_states, *args, **kwargs):
+        prompt_keys, prompt_values = self.keys, self.values
+        assert prompt_keys is not None and prompt_values is not None  # the prompt's, set at construction
         # One copy of the prompt's states per row: the attention takes each row's keys as one tensor.
-        keys = torch.cat([self.keys.index_select(0, self.prompt_of_row), key_states], dim=-2)
-        values = torch.cat([self.values.index_select(0, self.prompt_of_row), value_states], dim=-2)
+        keys = torch.cat([prompt_keys.index_select(0, self.prompt_of_row), key_states], dim=-2)
+        values = torch.cat([prompt_values.index_select(0, self.prompt_of_row), value_states], dim=-2)
         return keys, values
 
 

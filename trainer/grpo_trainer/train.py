@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -39,7 +40,7 @@ from grpo_trainer.engine import build_engine, init_distributed
 from grpo_trainer.logprobs import token_log_probs
 from grpo_trainer.loss import group_advantages, grpo_loss, mask_truncated_completions
 from grpo_trainer.metrics import MetricsLog, StepTimer
-from grpo_trainer.model import ModelError, eos_token_ids, load_model, load_tokenizer, resolve_model_source
+from grpo_trainer.model import ModelError, eos_token_ids, load_model, load_tokenizer, pad_token_id, resolve_model_source
 from grpo_trainer.preemption import Preemption
 from grpo_trainer.rewards import RewardScorer
 from grpo_trainer.rollout import Rollouts, Sampler, TransformersSampler
@@ -51,6 +52,7 @@ from grpo_trainer.vllm_client import ServerSampler, server_url
 from grpo_trainer.weight_sync import INITIAL_VERSION, WeightSync, default_transports
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ROOM_ADVICE = "free space there, give the run a larger volume, or keep fewer checkpoints (spec.checkpoints.keepLast)"
 
@@ -130,14 +132,15 @@ def train(
     reference = None
     if grpo.beta > 0:
         reference = load_model(location, tokenizer, dtype=spec.model.dtype, device=device).eval().requires_grad_(False)
-    engine = build_engine(model, grpo)
+    engine = build_engine(model, grpo)  # trains ``model`` in place: engine.module is model
     eos_ids = eos_token_ids(model, tokenizer)
-    sampler = _sampler(spec.rollout, engine.module, eos_ids, tokenizer.pad_token_id)
+    sampler = _sampler(spec.rollout, model, eos_ids, pad_token_id(tokenizer))
     scorer = RewardScorer(spec.rewards)
 
     first_step, history = 0, []
     if resumed is not None:
         load_began = time.perf_counter()
+        assert resume_dir is not None  # found with ``resumed``
         state = restore(resume_dir, engine)
         first_step, history = state.step, state.metrics
         dist.barrier()  # every rank has loaded it: a downloaded copy's room goes to the next checkpoint
@@ -147,7 +150,7 @@ def train(
                     resumed, first_step, fetch_seconds, time.perf_counter() - load_began)
     # The server's weights must be the policy's before each rollout: pushed after every step, and
     # again whenever the server says it serves others (a restarted sidecar, a resumed run).
-    weight_sync = _weight_sync(spec, sampler, engine.module, resumed, first_step, device) if rank == 0 else None
+    weight_sync = _weight_sync(spec, sampler, model, resumed, first_step, device) if rank == 0 else None
     log = MetricsLog(run_dir / "metrics.jsonl", total_steps=grpo.max_steps, enabled=rank == 0,
                      show_progress=show_progress, history=history, tensorboard_dir=tensorboard_dir)
     # In a pod, progress and checkpoints also go into the GRPORun's status, for kubectl get grporuns.
@@ -159,7 +162,7 @@ def train(
         nonlocal previous
         began = time.perf_counter()
         state = TrainerState(step, world_size, grpo.seed, log.records)
-        needed, estimated_from = estimated_size(engine.module, previous)
+        needed, estimated_from = estimated_size(model, previous)
         since_last = [record["reward"] for record in log.records[-spec.checkpoints.every_steps :]]
         score = sum(since_last) / len(since_last) if since_last else None
         try:
@@ -200,9 +203,7 @@ def train(
         current, pushed_again = (INITIAL_VERSION if step == 0 and resumed is None else str(step)), False
         if isinstance(sampler, ServerSampler):
             with timer("sync"):
-                pushed_again, current = _on_rank_0(
-                    lambda step=step: (weight_sync.ensure_current(engine.module, str(step)), weight_sync.label)
-                )
+                pushed_again, current = _on_rank_0(lambda step=step: _ensure_current(weight_sync, model, step))
         with timer("generate"):
             rollouts = sampler.generate(
                 [prompt.token_ids for prompt in step_prompts],
@@ -224,13 +225,13 @@ def train(
             advantages = group_advantages(all_rewards, grpo.num_generations, grpo.scale_rewards)
             advantages = advantages.view(world_size, -1)[rank].to(device)
         with timer("train"):
-            loss_metrics = _optimize(engine, reference, rollouts, advantages, grpo, tokenizer.pad_token_id, device)
+            loss_metrics = _optimize(engine, reference, rollouts, advantages, grpo, pad_token_id(tokenizer), device)
         step += 1
         synced = {}
         # After the last step no rollout follows: the final weights go to the checkpoint only.
         if isinstance(sampler, ServerSampler) and step < grpo.max_steps:
             with timer("sync"):
-                synced = _on_rank_0(lambda step=step: weight_sync.push(engine.module, str(step)).record())
+                synced = _on_rank_0(lambda step=step: _push(weight_sync, model, step))
         record = log.step(
             step,
             rewards=all_rewards,
@@ -247,7 +248,7 @@ def train(
             weight_sync={**synced, "rollout/weights_pushed_again": pushed_again} if weight_sync else None,
             sample=(texts[0], golds[0]),
         )
-        if reporter is not None:
+        if reporter is not None and record is not None:  # rank 0's, which logs
             reporter.report_step(record)
         if step % spec.checkpoints.every_steps == 0 or step == grpo.max_steps:
             saved_step, saved_uri = step, save(step)
@@ -311,9 +312,9 @@ def _optimize(engine, reference, rollouts: Rollouts, advantages, grpo, pad_token
             engine.step()
             # The loss itself, as TRL logs it: the mean over micro-batches (and ranks) of each one's loss.
             metrics["loss"] = loss.detach()
-            metrics["entropy"] = _masked_mean(entropy, completion_mask[rows])
             for name, value in metrics.items():
                 step_metrics.setdefault(name, []).append(float(value))
+            step_metrics.setdefault("entropy", []).append(_masked_mean(entropy, completion_mask[rows]))
     # Each rank's mean over its micro-batches, then the mean over ranks (each holds as many rows).
     means = torch.tensor([sum(values) / len(values) for values in step_metrics.values()], device=device)
     metrics = dict(zip(step_metrics, (_all_reduce_sum(means) / world_size).tolist(), strict=True))
@@ -361,6 +362,19 @@ def _weight_sync(spec, sampler: Sampler, policy, resumed: str | None, first_step
     )
 
 
+def _ensure_current(weight_sync: WeightSync | None, policy, step: int) -> tuple[bool, str]:
+    """Rank 0's, before a step's rollouts: whether the weights had to be pushed again (the server
+    restarted), and the label they are served under."""
+    assert weight_sync is not None  # rank 0 of a run whose rollouts come from a server has one
+    return weight_sync.ensure_current(policy, str(step)), weight_sync.label
+
+
+def _push(weight_sync: WeightSync | None, policy, step: int) -> dict[str, Any]:
+    """Rank 0's, after an optimizer step: the new weights into the server; the push's record."""
+    assert weight_sync is not None
+    return weight_sync.push(policy, str(step)).record()
+
+
 def _weight_version(rollouts: Rollouts, current: str, step: int, device) -> tuple[str, bool]:
     """The label of the weights that sampled this step's rollouts, and whether they are stale on
     any rank: not ``current``, the label of the policy's weights. The policy sampling itself is
@@ -392,10 +406,10 @@ def _fetch_checkpoint(
     return (None, None) if manifest is None else (store.storage.uri_for(checkpoint_prefix(manifest.step)), folder)
 
 
-def _on_rank_0(action):
+def _on_rank_0(action: Callable[[], T]) -> T:
     """Run ``action`` on rank 0 only and give every rank its result, or raise its error on every
     rank (the others would otherwise wait forever at the next collective)."""
-    outcome = [None]
+    outcome: list[Any] = [None]
     if dist.get_rank() == 0:
         try:
             outcome[0] = (action(), None)
@@ -406,7 +420,7 @@ def _on_rank_0(action):
     result, error = outcome[0]
     if error is not None:
         raise error
-    return result
+    return cast(T, result)  # rank 0's, sent to every rank
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -460,7 +474,15 @@ def _padded_batch(rollouts: Rollouts, pad_id: int, device) -> Batch:
 
 
 def _rows(batch: Batch, rows: slice) -> Batch:
-    return Batch(**{f.name: None if (v := getattr(batch, f.name)) is None else v[rows] for f in fields(Batch)})
+    return Batch(
+        batch.input_ids[rows],
+        batch.attention_mask[rows],
+        batch.position_ids[rows],
+        batch.completion_ids[rows],
+        batch.completion_mask[rows],
+        batch.truncated[rows],
+        None if batch.sampler_logps is None else batch.sampler_logps[rows],
+    )
 
 
 def _completion_logps(model, batch: Batch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
