@@ -1,0 +1,192 @@
+"""Verdicts and parses with SLL-first LaTeX parsing against latex2sympy's LL parsing alone.
+
+    .venv/bin/python benchmarks/grading/bench_sll.py [--data ../shared/data] [--workloads ...]
+
+Grades every workload under every profile twice, in two processes side by side: one with
+latex2sympy's own parser (LL prediction), one with :mod:`grpo_trainer.two_stage_parsing`
+installed (SLL first, LL where SLL fails). Each process records, for every distinct string that
+reaches latex2sympy's parser, what it returned (the sympy ``srepr``) or raised (type and
+message), and the SLL-first process whether the string took the LL stage. Reported: the verdicts
+(correct, extracted answer, reason) and the parse outcomes that differ between the two (the claim
+is none), and each side's CPU seconds per workload and profile.
+
+Workloads:
+
+- ``solutions``: every set in the data folder (the five paper benchmarks, GSM8K's test and train
+  splits, the partial DeepScaleR AIME training set), each problem's reference solution as the
+  completion (AMC23 has none: ``\\boxed{answer}``) against the gold column lighteval used
+  (``grading.BENCHMARK_GOLD_COLUMNS``; ``answer`` for the training sets);
+- ``benchmark``, ``grpo6``, ``grpo16``: the completions of bench_throughput.py (10,013 and twice 5,760).
+
+Grading runs in-process (``grading.grade_here``, math-verify's own alarms, no worker caches) so
+that the parses can be watched; bench_throughput.py measures the pooled grader.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench_throughput import WORKLOADS, samples  # noqa: E402
+
+PROFILES = ("open-rs", "lighteval-expr", "lighteval-latex", "lighteval-boxed-gold")
+SOLUTION_SETS = {  # set: the file of its rows under the data folder
+    "aime24": "aime24/test.jsonl",
+    "amc23": "amc23/test.jsonl",
+    "math500": "math500/test.jsonl",
+    "minerva": "minerva/test.jsonl",
+    "olympiadbench": "olympiadbench/test.jsonl",
+    "gsm8k": "gsm8k/test.jsonl",
+    "gsm8k-train": "gsm8k/train.jsonl",
+    "deepscaler-aime-train": "train_partial_deepscaler_aime/train.jsonl",
+}
+MODES = ("ll", "sll-first")
+
+
+def solution_pairs(data: Path) -> list[tuple[str, str]]:
+    from grpo_trainer.grading import BENCHMARK_GOLD_COLUMNS
+
+    pairs = []
+    for name, path in SOLUTION_SETS.items():
+        column = BENCHMARK_GOLD_COLUMNS.get(name, "answer")
+        for line in (data / path).read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            pairs.append((row["solution"] or f"The answer is $\\boxed{{{row['answer']}}}$.", row[column]))
+    return pairs
+
+
+def workload_pairs(data: Path, workload: str) -> list[tuple[str, str]]:
+    if workload == "solutions":
+        return solution_pairs(data)
+    return [(sample.completion, gold) for sample, gold in samples(data, workload)]
+
+
+# ------------------------------------------------------------------- one side (a process)
+
+
+def measure(mode: str, data: Path, workloads: list[str], out: Path) -> None:
+    """Grade every workload under every profile with this process's parser; write what was seen."""
+    import sympy
+    from antlr4.error.Errors import ParseCancellationException
+    from latex2sympy2_extended.latex2sympy2 import _Latex2Sympy
+
+    from grpo_trainer import two_stage_parsing
+    from grpo_trainer.grading import grade_here
+
+    parses: dict[str, dict] = {}  # "is_real latex" -> outcome, and whether it took the LL stage
+    sll_failed = []
+
+    if mode == "sll-first":
+        two_stage_parsing.install()
+        math_sll = two_stage_parsing.SllFirstParser.math_sll
+
+        def watched_math_sll(parser):
+            try:
+                return math_sll(parser)
+            except ParseCancellationException:
+                sll_failed.append(True)
+                raise
+
+        two_stage_parsing.SllFirstParser.math_sll = watched_math_sll
+    parse = _Latex2Sympy.parse
+
+    def watched_parse(converter, latex_str):
+        sll_failed.clear()
+        key = f"{converter.is_real} {latex_str}"
+        try:
+            expression = parse(converter, latex_str)
+        except Exception as error:  # what latex2sympy raised, recorded and passed on
+            parses.setdefault(key, {"outcome": f"{type(error).__name__}: {error}", "parsed": False, "ll_stage": bool(sll_failed)})
+            raise
+        parses.setdefault(key, {"outcome": sympy.srepr(expression), "parsed": True, "ll_stage": bool(sll_failed)})
+        return expression
+
+    _Latex2Sympy.parse = watched_parse
+    report = {"mode": mode, "runs": {}, "parses": parses}
+    for workload in workloads:
+        pairs = workload_pairs(data, workload)
+        for profile in PROFILES:
+            started, cpu_started = time.perf_counter(), time.process_time()
+            verdicts = [grade_here(completion, gold, profile) for completion, gold in pairs]
+            report["runs"][f"{workload} {profile}"] = {
+                "items": len(pairs),
+                "wall_s": time.perf_counter() - started,
+                "cpu_s": time.process_time() - cpu_started,
+                "verdicts": [(v.correct, v.answer, v.reason) for v in verdicts],
+            }
+            print(f"{mode}: {workload} {profile} {len(pairs)} items, {time.process_time() - cpu_started:.1f} CPU s", flush=True)
+    out.write_text(json.dumps(report))
+
+
+# ---------------------------------------------------------------------------------- the report
+
+
+def compare(ll: dict, sll_first: dict) -> dict:
+    runs = {}
+    for name, run in ll["runs"].items():
+        other = sll_first["runs"][name]
+        differ = [i for i, (a, b) in enumerate(zip(run["verdicts"], other["verdicts"])) if a != b]
+        runs[name] = {
+            "items": run["items"],
+            "verdicts_that_differ": len(differ),
+            "first_differing_rows": differ[:5],
+            "correct": sum(v[0] for v in run["verdicts"]),
+            "ungraded_ll_sll_first": [sum(v[2] is not None for v in r["verdicts"]) for r in (run, other)],
+            "cpu_s_ll_sll_first": [round(run["cpu_s"], 1), round(other["cpu_s"], 1)],
+            "wall_s_ll_sll_first": [round(run["wall_s"], 1), round(other["wall_s"], 1)],
+        }
+    seen = ll["parses"].keys() & sll_first["parses"].keys()
+    outcome = {mode: {key: parse["outcome"] for key, parse in side["parses"].items()} for mode, side in zip(MODES, (ll, sll_first))}
+    ll_stage = [key for key in seen if sll_first["parses"][key]["ll_stage"]]
+    return {
+        "runs": runs,
+        "verdicts_compared": sum(run["items"] for run in runs.values()),
+        "verdicts_that_differ": sum(run["verdicts_that_differ"] for run in runs.values()),
+        "distinct_strings_parsed": {mode: len(side["parses"]) for mode, side in zip(MODES, (ll, sll_first))},
+        "strings_parsed_by_one_side_only": len(ll["parses"].keys() ^ sll_first["parses"].keys()),
+        "parse_outcomes_that_differ": sorted(key for key in seen if outcome["ll"][key] != outcome["sll-first"][key]),
+        "strings_that_took_the_ll_stage": len(ll_stage),
+        "of_those_parsed_by_ll": sum(ll["parses"][key]["parsed"] for key in ll_stage),
+        "timeouts_while_parsing": {mode: sum(o.startswith("TimeoutError") for o in outcome[mode].values()) for mode in MODES},
+        "cpu_s_ll_sll_first": [round(sum(side["runs"][name]["cpu_s"] for name in runs), 1) for side in (ll, sll_first)],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=HERE.parents[1].parent / "shared" / "data")
+    parser.add_argument("--workloads", nargs="+", choices=["solutions", *WORKLOADS], default=["solutions", *WORKLOADS])
+    parser.add_argument("--measure", nargs=2, metavar=("MODE", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        measure(args.measure[0], args.data, args.workloads, Path(args.measure[1]))
+        return
+
+    load_before, started = os.getloadavg(), time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        outs = {mode: Path(folder) / f"{mode}.json" for mode in MODES}
+        sides = [
+            subprocess.Popen(
+                [sys.executable, __file__, "--measure", mode, str(outs[mode]), "--data", str(args.data), "--workloads", *args.workloads]
+            )
+            for mode in MODES
+        ]
+        if any(side.wait() for side in sides):
+            sys.exit("a side failed")
+        report = compare(*(json.loads(outs[mode].read_text()) for mode in MODES))
+    report["wall_s"] = round(time.perf_counter() - started, 1)
+    report["load_average_1_5_15_min"] = {"before": load_before, "after": os.getloadavg()}
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
