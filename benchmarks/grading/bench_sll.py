@@ -8,7 +8,9 @@ installed (SLL first, LL where SLL fails). Each process records, for every disti
 reaches latex2sympy's parser, what it returned (the sympy ``srepr``) or raised (type and
 message), and the SLL-first process whether the string took the LL stage. Reported: the verdicts
 (correct, extracted answer, reason) and the parse outcomes that differ between the two (the claim
-is none), and each side's CPU seconds per workload and profile.
+is none), and each side's CPU seconds per workload and profile. math-verify's alarm on a parse is
+wall-clock, so on a loaded machine it can cut a parse short on one side only: such a string is
+listed apart and parsed again by both parsers here, without an alarm, and compared.
 
 Workloads:
 
@@ -50,6 +52,7 @@ SOLUTION_SETS = {  # set: the file of its rows under the data folder
     "deepscaler-aime-train": "train_partial_deepscaler_aime/train.jsonl",
 }
 MODES = ("ll", "sll-first")
+TIMED_OUT = "TimeoutError: Operation timed out!"  # math-verify's alarm, as the sides record it
 
 
 def solution_pairs(data: Path) -> list[tuple[str, str]]:
@@ -58,7 +61,9 @@ def solution_pairs(data: Path) -> list[tuple[str, str]]:
     pairs = []
     for name, path in SOLUTION_SETS.items():
         column = BENCHMARK_GOLD_COLUMNS.get(name, "answer")
-        for line in (data / path).read_text(encoding="utf-8").splitlines():
+        for line in (data / path).read_text(encoding="utf-8").split("\n"):  # not splitlines(): rows hold U+2028
+            if not line.strip():
+                continue
             row = json.loads(line)
             pairs.append((row["solution"] or f"The answer is $\\boxed{{{row['answer']}}}$.", row[column]))
     return pairs
@@ -147,18 +152,42 @@ def compare(ll: dict, sll_first: dict) -> dict:
     seen = ll["parses"].keys() & sll_first["parses"].keys()
     outcome = {mode: {key: parse["outcome"] for key, parse in side["parses"].items()} for mode, side in zip(MODES, (ll, sll_first))}
     ll_stage = [key for key in seen if sll_first["parses"][key]["ll_stage"]]
+    differ = [key for key in seen if outcome["ll"][key] != outcome["sll-first"][key]]
+    # math-verify's alarm is wall-clock: on a loaded machine it can cut one side's parse short.
+    timed_out = [key for key in differ if TIMED_OUT in (outcome["ll"][key], outcome["sll-first"][key])]
     return {
         "runs": runs,
         "verdicts_compared": sum(run["items"] for run in runs.values()),
         "verdicts_that_differ": sum(run["verdicts_that_differ"] for run in runs.values()),
         "distinct_strings_parsed": {mode: len(side["parses"]) for mode, side in zip(MODES, (ll, sll_first))},
         "strings_parsed_by_one_side_only": len(ll["parses"].keys() ^ sll_first["parses"].keys()),
-        "parse_outcomes_that_differ": sorted(key for key in seen if outcome["ll"][key] != outcome["sll-first"][key]),
+        "parse_outcomes_that_differ": sorted(set(differ) - set(timed_out)),
+        "strings_that_timed_out_on_one_side_only": {key: unbounded_outcomes_differ(key) for key in timed_out},
         "strings_that_took_the_ll_stage": len(ll_stage),
         "of_those_parsed_by_ll": sum(ll["parses"][key]["parsed"] for key in ll_stage),
-        "timeouts_while_parsing": {mode: sum(o.startswith("TimeoutError") for o in outcome[mode].values()) for mode in MODES},
+        "timeouts_while_parsing": {mode: sum(o == TIMED_OUT for o in outcome[mode].values()) for mode in MODES},
         "cpu_s_ll_sll_first": [round(sum(side["runs"][name]["cpu_s"] for name in runs), 1) for side in (ll, sll_first)],
     }
+
+
+def unbounded_outcomes_differ(key: str) -> bool:
+    """Whether the string's parses differ between the two parsers, parsed again here with no alarm."""
+    import sympy
+    from latex2sympy2_extended import latex2sympy
+    from latex2sympy2_extended.latex2sympy2 import _Latex2Sympy
+
+    from grpo_trainer import two_stage_parsing
+
+    is_real, latex = key.split(" ", 1)
+    outcomes = []
+    for create_parser in (two_stage_parsing.latex2sympy_create_parser, two_stage_parsing.create_sll_first_parser):
+        _Latex2Sympy.create_parser = create_parser
+        try:
+            outcomes.append(sympy.srepr(latex2sympy(latex, is_real=is_real == "True", normalization_config=None)))
+        except Exception as error:  # compared as the sides record it
+            outcomes.append(f"{type(error).__name__}: {error}")
+    _Latex2Sympy.create_parser = two_stage_parsing.latex2sympy_create_parser
+    return outcomes[0] != outcomes[1]
 
 
 def main() -> None:
