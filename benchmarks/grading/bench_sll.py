@@ -10,7 +10,8 @@ message), and the SLL-first process whether the string took the LL stage. Report
 (correct, extracted answer, reason) and the parse outcomes that differ between the two (the claim
 is none), and each side's CPU seconds per workload and profile. math-verify's alarm on a parse is
 wall-clock, so on a loaded machine it can cut a parse short on one side only: such a string is
-listed apart and parsed again by both parsers here, without an alarm, and compared.
+listed apart and parsed again by both parsers here, without an alarm, and compared. Last, the
+distinct strings are parsed again, ANTLR's parse alone, to time the two parsers.
 
 Workloads:
 
@@ -170,6 +171,28 @@ def compare(ll: dict, sll_first: dict) -> dict:
     }
 
 
+def parse_cpu_seconds(latex_strings: list[str]) -> list[dict]:
+    """CPU seconds of ANTLR's parse alone (no conversion to sympy) of every string, LL and SLL first,
+    in two rounds: in the first each parser fills its decision tables, the second finds them filled."""
+    from latex2sympy2_extended.latex2sympy2 import _Latex2Sympy
+
+    from grpo_trainer import two_stage_parsing
+
+    converter = _Latex2Sympy()
+    rounds = []
+    for _ in range(2):
+        rounds.append({})
+        for mode, create_parser in zip(MODES, (two_stage_parsing.latex2sympy_create_parser, two_stage_parsing.create_sll_first_parser)):
+            started = time.process_time()
+            for latex in latex_strings:
+                try:
+                    create_parser(converter, latex).math()
+                except Exception:  # latex2sympy's syntax errors are part of the work
+                    pass
+            rounds[-1][mode] = round(time.process_time() - started, 2)
+    return rounds
+
+
 def unbounded_outcomes_differ(key: str) -> bool:
     """Whether the string's parses differ between the two parsers, parsed again here with no alarm."""
     import sympy
@@ -203,15 +226,18 @@ def main() -> None:
     load_before, started = os.getloadavg(), time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
         outs = {mode: Path(folder) / f"{mode}.json" for mode in MODES}
-        sides = [
+        processes = [
             subprocess.Popen(
                 [sys.executable, __file__, "--measure", mode, str(outs[mode]), "--data", str(args.data), "--workloads", *args.workloads]
             )
             for mode in MODES
         ]
-        if any(side.wait() for side in sides):
+        if any(process.wait() for process in processes):
             sys.exit("a side failed")
-        report = compare(*(json.loads(outs[mode].read_text()) for mode in MODES))
+        sides = [json.loads(outs[mode].read_text()) for mode in MODES]
+    report = compare(*sides)
+    latex_strings = sorted({key.split(" ", 1)[1] for key in sides[1]["parses"]})
+    report["parse_only_cpu_s_cold_then_warm"] = parse_cpu_seconds(latex_strings)
     report["wall_s"] = round(time.perf_counter() - started, 1)
     report["load_average_1_5_15_min"] = {"before": load_before, "after": os.getloadavg()}
     print(json.dumps(report, indent=2))
