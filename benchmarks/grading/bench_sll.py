@@ -1,6 +1,7 @@
 """Verdicts and parses with SLL-first LaTeX parsing against latex2sympy's LL parsing alone.
 
     .venv/bin/python benchmarks/grading/bench_sll.py [--data ../shared/data] [--workloads ...]
+    .venv/bin/python benchmarks/grading/bench_sll.py --pooled-rounds 3 [--workloads benchmark grpo6 grpo16]
 
 Grades every workload under every profile twice, in two processes side by side: one with
 latex2sympy's own parser (LL prediction), one with :mod:`grpo_trainer.two_stage_parsing`
@@ -22,7 +23,11 @@ Workloads:
 - ``benchmark``, ``grpo6``, ``grpo16``: the completions of bench_throughput.py (10,013 and twice 5,760).
 
 Grading runs in-process (``grading.grade_here``, math-verify's own alarms, no worker caches) so
-that the parses can be watched; bench_throughput.py measures the pooled grader.
+that the parses can be watched. With ``--pooled-rounds N`` the script instead times the pooled
+grader as bench_throughput.py runs it (2 workers, batches of 96, a fresh process per run after the
+same warm-up) with each parser, and Open-RS's accuracy reward, N rounds with the three interleaved
+so that the machine's load falls on all three alike; it reports each one's median CPU seconds per
+1,000 completions, and checks the two graders' verdicts equal in every round.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -213,14 +219,51 @@ def unbounded_outcomes_differ(key: str) -> bool:
     return outcomes[0] != outcomes[1]
 
 
+POOLED_SIDES = {"reference": "Open-RS", "ours-ll": "ours, LL alone", "ours": "ours, SLL first"}
+
+
+def pooled_cpu(data: Path, workloads: list[str], rounds: int) -> dict:
+    """Median CPU and wall seconds per 1,000 completions of each side of bench_throughput.py, interleaved."""
+    report = {}
+    for workload in workloads:
+        runs: dict[str, list[dict]] = {side: [] for side in POOLED_SIDES}
+        differ = []
+        for _ in range(rounds):
+            for side in POOLED_SIDES:
+                command = [sys.executable, str(HERE / "bench_throughput.py"), "--measure", workload, side, "verdicts", "all"]
+                out = subprocess.run([*command, "--data", str(data)], check=True, capture_output=True, text=True).stdout
+                runs[side].append(json.loads(out.splitlines()[-1]))
+            ll, sll_first = runs["ours-ll"][-1], runs["ours"][-1]
+            differ.append(sum(a != b for a, b in zip(zip(ll["correct"], ll["reasons"]), zip(sll_first["correct"], sll_first["reasons"]))))
+        report[workload] = {
+            "items": runs["ours"][0]["items"],
+            "verdicts_that_differ_per_round": differ,
+            **{
+                f"{side} {unit}": round(statistics.median(1000 * run[key] / run["items"] for run in runs[side]), 2)
+                for side in POOLED_SIDES
+                for unit, key in (("cpu_s_per_1000", "cpu_seconds"), ("wall_s_per_1000", "seconds"))
+            },
+            "load_average_1_min": os.getloadavg()[0],
+        }
+        print(json.dumps({workload: report[workload]}), flush=True)
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=HERE.parents[1].parent / "shared" / "data")
     parser.add_argument("--workloads", nargs="+", choices=["solutions", *WORKLOADS], default=["solutions", *WORKLOADS])
+    parser.add_argument("--pooled-rounds", type=int, default=0, help="time the pooled grader instead, N rounds")
     parser.add_argument("--measure", nargs=2, metavar=("MODE", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
         measure(args.measure[0], args.data, args.workloads, Path(args.measure[1]))
+        return
+    if args.pooled_rounds:
+        load_before = os.getloadavg()
+        workloads = [workload for workload in args.workloads if workload in WORKLOADS]
+        report = {"rounds": args.pooled_rounds, **pooled_cpu(args.data, workloads, args.pooled_rounds)}
+        print(json.dumps(report | {"load_average_1_5_15_min": {"before": load_before, "after": os.getloadavg()}}, indent=2))
         return
 
     load_before, started = os.getloadavg(), time.perf_counter()

@@ -1,14 +1,16 @@
 """latex2sympy's LaTeX parser in ANTLR's two stages: SLL prediction first, full LL where SLL fails.
 
 latex2sympy2_extended 1.0.6 parses every LaTeX answer with its generated ANTLR parser in ANTLR's
-default LL prediction mode, and that parse is most of what grading a new answer costs. SLL
-prediction ignores the parser's call stack when it chooses an alternative: here it parses in about
-half the CPU time, and ANTLR guarantees that it "will either return a correct parse tree (i.e. the
-same parse tree that would be returned with the LL prediction mode), or it will report a syntax
-error" (antlr4 ``PredictionMode.SLL``). So :class:`SllFirstParser` parses with SLL and stops at the
-first syntax error, the lexer's included; on that error it hands the input to latex2sympy's own
-parser as latex2sympy builds it (LL, its error listeners and recovery), which returns today's tree
-or raises today's exception. Strings such as ``x^3`` and ``a_{1}=1`` take that second stage.
+default LL prediction mode, and that parse is much of what grading a new answer costs. SLL
+prediction ignores the parser's call stack when it chooses an alternative: on the answers of the
+benchmark workloads it takes a third of LL's CPU time, two thirds while ANTLR is still filling its
+decision tables (benchmarks/README.md, "SLL-first LaTeX parsing"), and ANTLR guarantees
+that it "will either return a correct parse tree (i.e. the same parse tree that would be returned
+with the LL prediction mode), or it will report a syntax error" (antlr4 ``PredictionMode.SLL``).
+So :class:`SllFirstParser` parses with SLL and stops at the first syntax error, the lexer's
+included; on that error it hands the input to latex2sympy's own parser as latex2sympy builds it
+(LL, its error listeners and recovery), which returns today's tree or raises today's exception.
+Strings such as ``x^3`` and ``a_{1}=1`` take that second stage.
 
 The SLL stage predicts with decision tables of its own: ANTLR fills the tables it shares between
 parses differently in SLL mode where the grammar has predicates (latex2sympy's has precedence
