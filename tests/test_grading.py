@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import random
 import re
 import threading
 import time
@@ -15,13 +17,17 @@ from types import SimpleNamespace
 import math_verify
 import pytest
 import sympy
+from antlr4.atn.PredictionMode import PredictionMode
+from antlr4.error.Errors import ParseCancellationException
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from latex2sympy2_extended import NormalizationConfig
+from latex2sympy2_extended import NormalizationConfig, latex2sympy
+from latex2sympy2_extended.latex2sympy2 import _Latex2Sympy
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 from math_verify import parser as math_verify_parser
+from math_verify.parser import should_treat_as_complex
 
-from grpo_trainer import grading
+from grpo_trainer import grading, two_stage_parsing
 from grpo_trainer.grading import (
     BENCHMARK_GOLD_COLUMNS,
     BENCHMARK_PROFILES,
@@ -38,6 +44,7 @@ from grpo_trainer.grading import (
     grade_here,
     parse_gold,
 )
+from grpo_trainer.two_stage_parsing import SllFirstParser
 
 TIMEOUT_S = 2.0
 
@@ -464,6 +471,141 @@ def test_caches_hold_at_most_their_entries(caches):
     assert caches.parsers[0].cache_info().currsize == 4
     assert len(caches.verified) == 4
     assert caches.stats()["parse_misses"] == 10  # the long string went to math-verify's own cache
+
+
+# ---------------------------------------------------------------- LaTeX parsed SLL first, then LL
+
+# Answers whose SLL parse meets a syntax error that LL does not (a letter's super- or subscript is
+# where SLL's guess goes wrong), so that the second stage parses them: found among the strings the
+# benchmark workloads hand to latex2sympy (benchmarks/grading/bench_sll.py).
+NEEDS_LL = [
+    "x^3", "5r^5", "I_{a}", "1/d^2", "\\theta_a", "a_{1}=1", "x^2 > 0", "a^4 = b^8", "\\frac{1}{4p^2}",
+    "x_{1}<x_{2}", "|1+z+z^{2}|=4", "A_{3}=(1+\\sqrt{2}, 1)", "(\\Delta_{3}, \\Delta_{4})",
+    "y^{\\prime}+r y-r x(t)=0", "n^{\\text {th }}", "d(n^{n})>1,000,000", "x^{2}, y^{2}, z^{2}",
+]
+LATEX_ATOMS = ["0", "7", "-3", "1.5", "10^{5}", "\\frac{1}{2}", "\\sqrt{3}", "2\\pi", "x", "n", "T", "\\theta", "a_{1}", "e"]
+LATEX_SHAPES = [
+    "{p}+{q}", "{p}-{q}", "{p} \\cdot {q}", "{p}{q}", "\\frac{{{p}}}{{{q}}}", "{p}^{{{q}}}", "{p}^{q}", "{p}_{{{q}}}",
+    "({p}, {q})", "[{p}, {q})", "\\{{{p}, {q}\\}}", "{p} = {q}", "{p} \\le {q}", "\\sqrt{{{p}}}+{q}", "|{p}|-{q}",
+    "{p}\\%", "\\left({p}\\right)^{{{q}}}", "{p}!", "\\sin {p} + {q}", "{p} \\in ({q}, \\infty)", "\\text{{{p}}} {q}",
+]
+LATEX_SOUP = [
+    "{", "}", "^", "_", "\\frac", "(", ")", ",", "=", "x", "2", "\\left(", "\\right)", "\\sqrt", "\\cup", "&", "'", "!", " "
+]
+
+
+@functools.cache
+def latex_corpus() -> tuple[str, ...]:
+    """About 400 strings as latex2sympy sees them: common answer shapes, NEEDS_LL, token soup (mostly errors)."""
+    draw = random.Random(14)
+    shaped = [shape.format(p=p, q=q) for shape in LATEX_SHAPES for p in LATEX_ATOMS for q in LATEX_ATOMS]
+    soup = ["".join(draw.choices(LATEX_SOUP, k=draw.randint(1, 7))) for _ in range(60)]
+    return (*NEEDS_LL, *draw.sample(shaped, 320), *soup)
+
+
+def latex2sympy_outcome(latex: str) -> tuple[str, str]:
+    """latex2sympy's result as math-verify asks for it: the expression's srepr, or the exception."""
+    try:
+        expression = latex2sympy(latex, is_real=not should_treat_as_complex(latex), normalization_config=None)
+    except Exception as error:
+        return type(error).__name__, str(error)
+    return "parsed", sympy.srepr(expression)
+
+
+@contextlib.contextmanager
+def latex2sympy_parser(create_parser):
+    """latex2sympy parses with ``create_parser`` inside, and no parse cached under another leaks in or out."""
+    caches = (math_verify_parser.parse_latex_with_timeout, parse_gold, gold_extraction)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_Latex2Sympy, "create_parser", create_parser)
+        for cache in caches:
+            cache.cache_clear()
+        yield
+    for cache in caches:
+        cache.cache_clear()
+
+
+def test_sll_first_parses_are_latex2sympys_ll_parses():
+    corpus = latex_corpus()
+    with latex2sympy_parser(two_stage_parsing.latex2sympy_create_parser):
+        ll = [latex2sympy_outcome(latex) for latex in corpus]
+    with latex2sympy_parser(two_stage_parsing.create_sll_first_parser):
+        sll_first = [latex2sympy_outcome(latex) for latex in corpus]
+    assert sll_first == ll
+    # Both stages were exercised: SLL alone parsed most strings; the rest went to LL, which parsed
+    # some (NEEDS_LL among them) and raised latex2sympy's own errors for the others.
+    sll_parses = {latex for latex in corpus if sll_parse_tree(latex) is not None}
+    ll_parses = {latex for latex, (outcome, _) in zip(corpus, ll, strict=True) if outcome == "parsed"}
+    assert sll_parses < ll_parses and set(NEEDS_LL) <= ll_parses - sll_parses
+    assert len(sll_parses) > 200 and len(ll_parses - sll_parses) > 40 and len(corpus) - len(ll_parses) > 80
+
+
+def sll_parse_tree(latex: str) -> str | None:
+    """The first stage's tree, None where SLL met a syntax error."""
+    parser = SllFirstParser(functools.partial(two_stage_parsing.latex2sympy_create_parser, _Latex2Sympy(), latex))
+    try:
+        tree = parser.math_sll()
+    except ParseCancellationException:
+        return None
+    return tree.toStringTree(recog=tree.parser)
+
+
+@pytest.mark.parametrize("latex", ["x^3", "a_{1}=1", "\\frac{1}{4p^2}"])
+def test_where_sll_fails_ll_parses_again_from_the_start(latex):
+    ll_parser = two_stage_parsing.latex2sympy_create_parser(_Latex2Sympy(), latex)
+    ll_tree = ll_parser.math().toStringTree(recog=ll_parser)
+    created = []
+
+    def create_ll_parser():
+        created.append(two_stage_parsing.latex2sympy_create_parser(_Latex2Sympy(), latex))
+        return created[-1]
+
+    with pytest.raises(ParseCancellationException):
+        SllFirstParser(create_ll_parser).math_sll()
+    created.clear()
+    tree = SllFirstParser(create_ll_parser).math()
+    assert len(created) == 2 and tree.parser is created[1]  # a fresh LL parser, not the SLL one rewound
+    assert tree.toStringTree(recog=tree.parser) == ll_tree
+    assert created[1]._interp.predictionMode == PredictionMode.LL
+
+
+def test_a_syntax_error_is_latex2sympys_own():
+    """Where LL fails too, the exception is the one latex2sympy raises today, its message included."""
+    with latex2sympy_parser(two_stage_parsing.latex2sympy_create_parser):
+        ll = latex2sympy_outcome("\\frac{1}{")
+    with latex2sympy_parser(two_stage_parsing.create_sll_first_parser):
+        assert latex2sympy_outcome("\\frac{1}{") == ll
+    assert ll[0] == "Exception" and ll[1].startswith("I expected something else here")
+
+
+PROFILES = ("open-rs", EXPR, LATEX, BOXED_GOLD)
+
+
+def test_verdicts_with_and_without_sll_first_parsing_are_equal():
+    """Every profile; a quarter of the corpus, boxed against its own gold or in $…$ against another's."""
+    corpus = latex_corpus()[::4]
+    items = [
+        (boxed(latex), latex) if index % 2 else (f"So $x = {latex}$.", corpus[index - 1])
+        for index, latex in enumerate(corpus)
+    ]
+    verdicts = []
+    for create_parser in (two_stage_parsing.latex2sympy_create_parser, two_stage_parsing.create_sll_first_parser):
+        with latex2sympy_parser(create_parser):
+            verdicts.append([grade_here(*item, profile) for profile in PROFILES for item in items])
+    assert verdicts[1] == verdicts[0]
+    assert 50 < sum(verdict.correct for verdict in verdicts[0]) < len(verdicts[0]) - 50
+
+
+def test_grader_workers_parse_sll_first_or_not_with_equal_verdicts():
+    """The workers take the flag: their own answers right, a neighbour's wrong, either way."""
+    completions = [boxed(latex) for latex in NEEDS_LL] * 2
+    golds = [f"${latex}$" for latex in NEEDS_LL + NEEDS_LL[1:] + NEEDS_LL[:1]]
+    verdicts = []
+    for sll_first_parsing in (True, False):
+        with Grader(workers=1, sll_first_parsing=sll_first_parsing) as grader:
+            verdicts.append(grader.verify_batch(completions, golds))
+    assert [(v.correct, v.answer, v.reason) for v in verdicts[0]] == [(v.correct, v.answer, v.reason) for v in verdicts[1]]
+    assert [verdict.correct for verdict in verdicts[0]] == [True] * len(NEEDS_LL) + [False] * len(NEEDS_LL)
 
 
 # ------------------------------------------------------------------------ the benchmark golds

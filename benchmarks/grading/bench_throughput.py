@@ -24,7 +24,8 @@ the rows whose gold Open-RS can parse (the others are the trap rows, where Open-
 1.0 whatever the completion); (2) rewards: our RewardScorer with format + 2 × cosine (characters)
 vs Open-RS's format_reward + cosine_scaled_reward, the reward set of Open-RS's experiments 2 and
 3; (3) our Grader with its worker caches off (``cache_entries=0``): its verdicts must equal the
-cached ones, and the time says what the caches bought.
+cached ones, and the time says what the caches bought; (4) our Grader with latex2sympy's LL parser
+alone (``sll_first_parsing=False``, as before SLL-first parsing): the same check, and what SLL bought.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def as_messages(completions: list[str]) -> list[list[dict]]:
 
 
 def measure(side: str, what: str, workload: str, subset: str, data: Path, batch: int, workers: int) -> dict:
-    """One timed run; ``side`` is "reference", "ours" or "ours-uncached"; ``subset`` is "all" or a
+    """One timed run; ``side`` is "reference", "ours", "ours-uncached" or "ours-ll"; ``subset`` is "all" or a
     JSON file of row indices (parsed elsewhere, as parsing golds here would warm this process's
     LaTeX parser on exactly these golds)."""
     pairs = [(sample.completion, gold) for sample, gold in samples(data, workload)]
@@ -125,7 +126,8 @@ def measure(side: str, what: str, workload: str, subset: str, data: Path, batch:
     from grpo_trainer.rewards import RewardScorer
     from grpo_trainer.spec import RewardParams, RewardSpec
 
-    with Grader(workers=workers, cache_entries=CACHE_ENTRIES if side == "ours" else 0) as grader:
+    cache_entries = 0 if side == "ours-uncached" else CACHE_ENTRIES
+    with Grader(workers=workers, cache_entries=cache_entries, sll_first_parsing=side != "ours-ll") as grader:
         grader.verify_batch([c for c, _ in warm], [g for _, g in warm])
         cosine = RewardSpec(name="cosine", weight=2.0, params=RewardParams(length_unit="characters"))
         rewards = [RewardSpec(name="format"), cosine]
@@ -226,7 +228,7 @@ def report_workload(workload: str, data: Path, run) -> dict:
         "reference_gold_parses": len(compared),
     }
 
-    ref, ours, uncached = (run(workload, side, "verdicts") for side in ("reference", "ours", "ours-uncached"))
+    ref, ours, uncached, ll = (run(workload, side, "verdicts") for side in ("reference", "ours", "ours-uncached", "ours-ll"))
     ref_correct = [score == 1.0 for score in ref["scores"][0]]
     item_seconds = sorted(ours["item_seconds"])
     report["verdicts"] = timing(ref, ours) | {
@@ -256,6 +258,17 @@ def report_workload(workload: str, data: Path, run) -> dict:
         "verdicts_that_differ": sum(
             (a, b) != (c, d)
             for a, b, c, d in zip(ours["correct"], ours["reasons"], uncached["correct"], uncached["reasons"], strict=True)
+        ),
+    }
+
+    report["sll_first"] = {
+        "ll_s": ll["seconds"],
+        "sll_first_s": ours["seconds"],
+        "ll_cpu_s": ll["cpu_seconds"],
+        "sll_first_cpu_s": ours["cpu_seconds"],
+        "cpu_s_per_1000_reference_ll_sll_first": [1000 * side["cpu_seconds"] / side["items"] for side in (ref, ll, ours)],
+        "verdicts_that_differ": sum(
+            (a, b) != (c, d) for a, b, c, d in zip(ours["correct"], ours["reasons"], ll["correct"], ll["reasons"], strict=True)
         ),
     }
 

@@ -69,6 +69,11 @@ for the very parsed objects of an earlier item. A repeated answer then costs a r
 lookups, and the items of one gold go to one worker so that its caches see the repeats. A cache
 never carries a failure from one item to another, and a miss runs as before, inside the item's
 bound and the worker's memory cap.
+
+What a cache misses is mostly latex2sympy's ANTLR parse of a new LaTeX string. Workers run it in
+ANTLR's two stages, SLL prediction first and latex2sympy's own LL parse where SLL meets a syntax
+error (:mod:`grpo_trainer.two_stage_parsing`): the same trees and errors, for a third of the CPU
+once ANTLR's decision tables are filled.
 """
 
 from __future__ import annotations
@@ -323,7 +328,11 @@ def grade_here(
 
 
 def _serve(
-    conn: connection.Connection, profile: Profile, memory_limit_bytes: int | None, cache_entries: int
+    conn: connection.Connection,
+    profile: Profile,
+    memory_limit_bytes: int | None,
+    cache_entries: int,
+    sll_first_parsing: bool,
 ) -> None:
     """A worker's main loop: receive a chunk of (index, completion, gold), answer item by item."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
@@ -331,6 +340,10 @@ def _serve(
         import resource
 
         resource.setrlimit(resource.RLIMIT_AS, (memory_limit_bytes, memory_limit_bytes))
+    if sll_first_parsing:
+        from grpo_trainer import two_stage_parsing
+
+        two_stage_parsing.install()
     grade_here("$1$", "1", profile)  # load the LaTeX parser before the first timed item
     caches = _Caches(cache_entries) if cache_entries else None
     conn.send(_READY)
@@ -359,10 +372,15 @@ class _Worker:
     """One worker process, the items it was sent and when it started on the current one."""
 
     def __init__(
-        self, context: BaseContext, profile: Profile, memory_limit_bytes: int | None, cache_entries: int
+        self,
+        context: BaseContext,
+        profile: Profile,
+        memory_limit_bytes: int | None,
+        cache_entries: int,
+        sll_first_parsing: bool,
     ) -> None:
         self.conn, child_conn = context.Pipe(duplex=True)
-        args = (child_conn, profile, memory_limit_bytes, cache_entries)
+        args = (child_conn, profile, memory_limit_bytes, cache_entries, sll_first_parsing)
         self.process = context.Process(target=_serve, args=args, name="grpo-grader", daemon=True)
         self.process.start()
         child_conn.close()  # so that the worker's death reads as EOF here
@@ -412,7 +430,7 @@ def _process_context() -> BaseContext:
         context = multiprocessing.get_context("forkserver")
         # Workers fork from a server that has math-verify imported already, so a restart after a
         # timeout costs milliseconds. (No effect if this process started its forkserver before.)
-        context.set_forkserver_preload([__name__, "math_verify", "latex2sympy2_extended"])
+        context.set_forkserver_preload([__name__, "math_verify", "grpo_trainer.two_stage_parsing"])
         return context
     return multiprocessing.get_context("spawn")
 
@@ -427,8 +445,9 @@ class Grader:
     The lighteval profiles give each parse and comparison lighteval's 5 s alarm, and lighteval had
     no bound on a whole item: give them a ``timeout_s`` well above 5 s (30 s, say), or an item
     lighteval finished may end here as a wrong verdict with reason ``timeout``.
-    Each worker caches up to ``cache_entries`` parses and verify() results (0: none); see the
-    module's docstring.
+    Each worker caches up to ``cache_entries`` parses and verify() results (0: none), and parses
+    LaTeX SLL first unless ``sll_first_parsing`` is False (then with latex2sympy's LL parser
+    alone, for comparisons); see the module's docstring.
     """
 
     def __init__(
@@ -438,6 +457,7 @@ class Grader:
         memory_limit_mb: int | None = 2048,
         profile: Profile = "open-rs",
         cache_entries: int = CACHE_ENTRIES,
+        sll_first_parsing: bool = True,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
@@ -447,6 +467,7 @@ class Grader:
         self.timeout_s = timeout_s
         self.profile = profile
         self.cache_entries = cache_entries
+        self.sll_first_parsing = sll_first_parsing
         self._memory_limit_bytes = memory_limit_mb * 2**20 if memory_limit_mb else None
         self._pool: list[_Worker] = []
         self._pool_pid = os.getpid()
@@ -516,7 +537,9 @@ class Grader:
     def _start_worker(self) -> _Worker:
         if self._context is None:
             self._context = _process_context()
-        return _Worker(self._context, self.profile, self._memory_limit_bytes, self.cache_entries)
+        return _Worker(
+            self._context, self.profile, self._memory_limit_bytes, self.cache_entries, self.sll_first_parsing
+        )
 
     def _run(self, todo: list[tuple[int, str, str]], verdicts: list[Verdict | None]) -> None:
         if self._pool_pid != os.getpid():  # a forked copy of this grader: those workers are not ours
