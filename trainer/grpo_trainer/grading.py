@@ -90,12 +90,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import cache, lru_cache
 from multiprocessing import connection
-from multiprocessing.context import BaseContext
+from multiprocessing.context import ForkServerContext, SpawnContext
 from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
 Profile = Literal["open-rs", "lighteval-expr", "lighteval-latex", "lighteval-boxed-gold"]
+ProcessContext = ForkServerContext | SpawnContext  # what _process_context gives: never fork
 
 BENCHMARK_PROFILES: dict[str, Profile] = {
     "aime24": "lighteval-expr",
@@ -165,7 +166,7 @@ class Verdict:
 @dataclass(frozen=True)
 class _Extraction:
     completion: list[Any]
-    completion_mode: str
+    completion_mode: Literal["first_match", "any_match"]
     precision: int
     answer_first: bool  # verify() is not symmetric: which side each evaluator passed first
     alarm_s: int  # math-verify's SIGALRM bound on each parse and each comparison
@@ -301,14 +302,14 @@ def grade_here(
     """Grade in this process, unbounded. Only for a worker's main thread (math-verify's alarms)."""
     from math_verify import parse, verify
 
-    gold_parsed = gold_extraction(gold, profile)
+    gold_parsed: list[Any] = gold_extraction(gold, profile)
     if not gold_parsed:
         if profile in ("open-rs", "lighteval-boxed-gold"):
             return Verdict(False, reason=GOLD_UNPARSABLE)
         # lighteval's fallback: the raw gold, which verify() compares only with a string, stripped.
         gold_parsed = [gold]
     extraction = _extraction(profile)
-    answer_parsed = parse(
+    answer_parsed: list[Any] = parse(
         completion,
         extraction.completion,
         extraction_mode=extraction.completion_mode,
@@ -373,7 +374,7 @@ class _Worker:
 
     def __init__(
         self,
-        context: BaseContext,
+        context: ProcessContext,
         profile: Profile,
         memory_limit_bytes: int | None,
         cache_entries: int,
@@ -421,7 +422,7 @@ def _usable_cores() -> int:
     return os.cpu_count() or 1
 
 
-def _process_context() -> BaseContext:
+def _process_context() -> ProcessContext:
     """forkserver where there is one (fresh interpreter, cheap restarts), else spawn; never fork,
     which would copy the trainer's torch/CUDA/NCCL state into the workers."""
     import multiprocessing
@@ -465,13 +466,13 @@ class Grader:
             raise ValueError(f"cache_entries must be 0 or more, got {cache_entries}")
         self.workers = workers or _usable_cores()
         self.timeout_s = timeout_s
-        self.profile = profile
+        self.profile: Profile = profile
         self.cache_entries = cache_entries
         self.sll_first_parsing = sll_first_parsing
         self._memory_limit_bytes = memory_limit_mb * 2**20 if memory_limit_mb else None
         self._pool: list[_Worker] = []
         self._pool_pid = os.getpid()
-        self._context: BaseContext | None = None
+        self._context: ProcessContext | None = None
         self._lock = threading.Lock()
 
     def __enter__(self) -> Grader:

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
+from antlr4 import CommonTokenStream, Lexer
 from antlr4.atn.ParserATNSimulator import ParserATNSimulator
 from antlr4.atn.PredictionMode import PredictionMode
 from antlr4.dfa.DFA import DFA
@@ -73,7 +74,9 @@ class SllFirstParser:
         parser._interp = ParserATNSimulator(parser, parser.atn, _SLL_DECISIONS, _SLL_CONTEXTS)
         parser._interp.predictionMode = PredictionMode.SLL
         parser._errHandler = BailErrorStrategy()  # no recovery: an error ends the stage
-        for recognizer in (parser, parser.getTokenStream().tokenSource):
+        # latex2sympy builds its parser on a CommonTokenStream of its lexer
+        lexer = cast(Lexer, cast(CommonTokenStream, parser.getTokenStream()).tokenSource)
+        for recognizer in (parser, lexer):
             recognizer.removeErrorListeners()  # latex2sympy's raise a plain Exception
             recognizer.addErrorListener(_CANCEL_ON_SYNTAX_ERROR)
         return parser.math()
@@ -86,4 +89,4 @@ def create_sll_first_parser(converter: _Latex2Sympy, latex_str: str) -> SllFirst
 
 def install() -> None:
     """Make every latex2sympy parse in this process SLL first (calling it again changes nothing)."""
-    _Latex2Sympy.create_parser = create_sll_first_parser
+    setattr(_Latex2Sympy, "create_parser", create_sll_first_parser)  # noqa: B010 (a method replaced, not an attribute set)
