@@ -525,6 +525,16 @@ def latex2sympy_parser(create_parser):
         cache.cache_clear()
 
 
+def sll_parse_tree(latex: str) -> str | None:
+    """The first stage's tree, None where SLL met a syntax error."""
+    parser = SllFirstParser(functools.partial(two_stage_parsing.latex2sympy_create_parser, _Latex2Sympy(), latex))
+    try:
+        tree = parser.math_sll()
+    except ParseCancellationException:
+        return None
+    return tree.toStringTree(recog=tree.parser)
+
+
 def test_sll_first_parses_are_latex2sympys_ll_parses():
     corpus = latex_corpus()
     with latex2sympy_parser(two_stage_parsing.latex2sympy_create_parser):
@@ -538,16 +548,6 @@ def test_sll_first_parses_are_latex2sympys_ll_parses():
     ll_parses = {latex for latex, (outcome, _) in zip(corpus, ll, strict=True) if outcome == "parsed"}
     assert sll_parses < ll_parses and set(NEEDS_LL) <= ll_parses - sll_parses
     assert len(sll_parses) > 200 and len(ll_parses - sll_parses) > 40 and len(corpus) - len(ll_parses) > 80
-
-
-def sll_parse_tree(latex: str) -> str | None:
-    """The first stage's tree, None where SLL met a syntax error."""
-    parser = SllFirstParser(functools.partial(two_stage_parsing.latex2sympy_create_parser, _Latex2Sympy(), latex))
-    try:
-        tree = parser.math_sll()
-    except ParseCancellationException:
-        return None
-    return tree.toStringTree(recog=tree.parser)
 
 
 @pytest.mark.parametrize("latex", ["x^3", "a_{1}=1", "\\frac{1}{4p^2}"])
@@ -596,8 +596,8 @@ def test_verdicts_with_and_without_sll_first_parsing_are_equal():
     assert 50 < sum(verdict.correct for verdict in verdicts[0]) < len(verdicts[0]) - 50
 
 
-def test_grader_workers_parse_sll_first_or_not_with_equal_verdicts():
-    """The workers take the flag: their own answers right, a neighbour's wrong, either way."""
+def test_grader_workers_parsing_sll_first_grade_as_those_parsing_with_ll():
+    """Workers start with SLL-first parsing installed or not; their own answers right, a neighbour's wrong."""
     completions = [boxed(latex) for latex in NEEDS_LL] * 2
     golds = [f"${latex}$" for latex in NEEDS_LL + NEEDS_LL[1:] + NEEDS_LL[:1]]
     verdicts = []
