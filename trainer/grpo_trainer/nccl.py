@@ -48,11 +48,11 @@ cudaStream_t = ctypes.c_void_p
 buffer_type = ctypes.c_void_p
 
 
-class ncclUniqueId(ctypes.Structure):  # noqa: N801 (nccl.h's name, as vLLM's wrapper spells it)
+class ncclUniqueId(ctypes.Structure):  # nccl.h's name, as vLLM's wrapper spells it
     _fields_ = [("internal", ctypes.c_byte * UNIQUE_ID_BYTES)]
 
 
-class ncclConfig_t(ctypes.Structure):  # noqa: N801
+class ncclConfig_t(ctypes.Structure):
     """The first fields of ncclConfig_t, as NCCL 2.17 declared them. NCCL appends fields and copies
     only ``size`` bytes of a caller's config, taking its defaults for the rest, so an older layout
     stays valid in every later NCCL."""
