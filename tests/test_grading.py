@@ -22,6 +22,7 @@ from antlr4.error.Errors import ParseCancellationException
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from latex2sympy2_extended import NormalizationConfig, latex2sympy
+from latex2sympy2_extended.gen.PSParser import PSParser
 from latex2sympy2_extended.latex2sympy2 import _Latex2Sympy
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 from math_verify import parser as math_verify_parser
@@ -576,6 +577,18 @@ def test_a_syntax_error_is_latex2sympys_own():
     with latex2sympy_parser(two_stage_parsing.create_sll_first_parser):
         assert latex2sympy_outcome("\\frac{1}{") == ll
     assert ll[0] == "Exception" and ll[1].startswith("I expected something else here")
+
+
+def test_deep_nesting_goes_to_latex2sympys_ll_parser_alone():
+    """Nested deep, LL runs past math-verify's alarm or Python's recursion limit where SLL parses:
+    such a string gets latex2sympy's LL parser alone, so that its outcome stays LL's."""
+    depth = two_stage_parsing.SLL_MAX_NESTING
+    for opening, closing in (("(", ")"), ("[", "]"), ("\\frac{1}{", "}")):
+        shallow, deep = (opening * levels + "2" + closing * levels for levels in (depth, depth + 1))
+        assert isinstance(two_stage_parsing.create_sll_first_parser(_Latex2Sympy(), shallow), SllFirstParser)
+        parser = two_stage_parsing.create_sll_first_parser(_Latex2Sympy(), deep)
+        assert isinstance(parser, PSParser) and parser._interp.predictionMode == PredictionMode.LL
+    assert max(map(two_stage_parsing._bracket_depth, latex_corpus())) <= depth  # the corpus tests SLL
 
 
 PROFILES = ("open-rs", EXPR, LATEX, BOXED_GOLD)
