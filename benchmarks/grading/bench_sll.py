@@ -12,7 +12,8 @@ message), and the SLL-first process whether the string took the LL stage. Report
 is none), and each side's CPU seconds per workload and profile. math-verify's alarm on a parse is
 wall-clock, so on a loaded machine it can cut a parse short on one side only: such a string is
 listed apart and parsed again by both parsers here, without an alarm, and compared. Last, the
-distinct strings are parsed again, ANTLR's parse alone, to time the two parsers.
+distinct strings are parsed again, ANTLR's parse alone, to time the two parsers, and the deepest
+bracket nesting of any text is reported (deeper than ``SLL_MAX_NESTING``, a string skips SLL).
 
 Workloads:
 
@@ -180,6 +181,13 @@ def compare(ll: dict, sll_first: dict) -> dict:
     }
 
 
+def deepest_nesting(data: Path, workloads: list[str]) -> int:
+    """How deep the brackets of any completion or gold nest: above SLL_MAX_NESTING, LL alone parses."""
+    from grpo_trainer.two_stage_parsing import _bracket_depth
+
+    return max(_bracket_depth(text) for workload in workloads for pair in workload_pairs(data, workload) for text in pair)
+
+
 def parse_cpu_seconds(latex_strings: list[str]) -> list[dict]:
     """CPU seconds of ANTLR's parse alone (no conversion to sympy) of every string, LL and SLL first,
     in two rounds: in the first each parser fills its decision tables, the second finds them filled."""
@@ -286,6 +294,7 @@ def main() -> None:
             sys.exit("a side failed")
         sides = [json.loads(outs[mode].read_text()) for mode in MODES]
     report = compare(*sides)
+    report["deepest_bracket_nesting_of_a_text"] = deepest_nesting(args.data, args.workloads)
     latex_strings = sorted({key.split(" ", 1)[1] for key in sides[1]["parses"]})
     report["parse_only_cpu_s_cold_then_warm"] = parse_cpu_seconds(latex_strings)
     report["wall_s"] = round(time.perf_counter() - started, 1)
