@@ -9,7 +9,7 @@ of the API server that kopf and the operator rely on and kmock's own KubernetesE
 - the status subresource of GRPORuns and pods: writes to the object ignore .status, writes to
   /status change nothing but .status; merge patches and JSON patches (with kopf's `test` of the
   resourceVersion), and PUT with its resourceVersion precondition;
-- label selectors on list and watch;
+- label selectors on list and watch; a list's limit (its first page only: no continue);
 - finalizers and owner-reference garbage collection (background and foreground cascades);
 - faults for the next N matching calls, and a count of calls per verb and resource;
 - an authorizer, when a test sets one (``kube.authorize``; tests/rbac.py decides as RBAC does):
@@ -879,12 +879,14 @@ class KubeEmulator(kmock.KubernetesScaffold):
 
     async def _serve_list(self, request: kmock.Request) -> dict[str, Any]:
         info = self._served(request.resource)
-        return {
-            "apiVersion": api_version(request.resource),
-            "kind": f"{info.kind}List",
-            "metadata": {"resourceVersion": str(self.resource_version)},
-            "items": self._listed(request),
-        }
+        if "continue" in request.params:
+            raise api_error(400, "continue is not emulated: list without limit")
+        items = self._listed(request)
+        metadata: dict[str, Any] = {"resourceVersion": str(self.resource_version)}
+        limit = int(request.params.get("limit") or 0)
+        if 0 < limit < len(items):  # the first page: the rest would come with the continue token
+            items, metadata["continue"], metadata["remainingItemCount"] = items[:limit], "emulated", len(items) - limit
+        return {"apiVersion": api_version(request.resource), "kind": f"{info.kind}List", "metadata": metadata, "items": items}
 
     async def _serve_watch(self, request: kmock.Request) -> AsyncIterator[Any]:
         self._served(request.resource)

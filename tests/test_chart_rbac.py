@@ -73,7 +73,8 @@ def kind(grant: Grant) -> tuple[str, str, str]:
 async def operator_in(kube: KubeEmulator, namespaces: list[str]) -> AsyncIterator[None]:
     """The operator watching ``namespaces`` (all: none listed), from when it watches pods."""
     configuration = kubernetes.client.Configuration(host=str(kube.url).rstrip("/"))
-    memo = kopf.Memo(cluster=Cluster(kubernetes.client.ApiClient(configuration)))
+    client = kubernetes.client.ApiClient(configuration)
+    memo = kopf.Memo(cluster=Cluster(client), namespaces=namespaces or None)  # the new-run watch's too
     async with running_operator(str(kube.url), kopf.get_default_registry(), namespaces=namespaces, memo=memo):
         await eventually(lambda: any(r.resource == PODS and "watch" in r.params for r in kube))
         yield

@@ -308,6 +308,21 @@ async def test_list_and_watch_return_only_what_the_label_selector_selects(kube: 
 
 
 @pytest.mark.asyncio
+async def test_a_list_with_a_limit_returns_its_first_page(kube: KubeEmulator):
+    for name in ("c", "a", "b"):
+        kube.create_object(CONFIGMAPS, {"metadata": {"name": name}}, "default")
+    path = resource_path(CONFIGMAPS, "default")
+    _, page = await call(kube, "GET", path + "?limit=2")
+    assert [item["metadata"]["name"] for item in page["items"]] == ["a", "b"]
+    assert page["metadata"]["remainingItemCount"] == 1 and page["metadata"]["continue"]
+    assert int(page["metadata"]["resourceVersion"]) == kube.resource_version
+    _, whole = await call(kube, "GET", path + "?limit=3")
+    assert len(whole["items"]) == 3 and "continue" not in whole["metadata"]
+    status, body = await call(kube, "GET", path + "?limit=2&continue=" + page["metadata"]["continue"])
+    assert status == 400 and "continue" in body["message"]
+
+
+@pytest.mark.asyncio
 async def test_lists_by_label_return_what_a_scan_of_every_object_would_through_label_changes(kube: KubeEmulator):
     """Lists that select by label read an index by label: it follows labels added, changed and
     removed, deletions and re-creations, and lists come in the order of namespace and name."""

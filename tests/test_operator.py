@@ -78,7 +78,7 @@ async def operator(kube: KubeEmulator) -> AsyncIterator[None]:
     """The operator, running until the block exits, from when it watches pods: kopf stopped while
     its start-up calls are in flight waits 5 s for them to time out."""
     configuration = kubernetes.client.Configuration(host=str(kube.url).rstrip("/"))
-    memo = kopf.Memo(cluster=Cluster(kubernetes.client.ApiClient(configuration)))
+    memo = kopf.Memo(cluster=Cluster(kubernetes.client.ApiClient(configuration)), namespaces=[NS])
     before = len(list(kube))
     async with running_operator(str(kube.url), kopf.get_default_registry(), namespaces=[NS], memo=memo):
         await eventually(lambda: any(r.resource == PODS and "watch" in r.params for r in list(kube)[before:]))
@@ -400,12 +400,12 @@ def operator_calls(kube: KubeEmulator, since: int, call: ApiCall) -> int:
 
 
 @contextlib.asynccontextmanager
-async def operator_listing_pods_late(kube: KubeEmulator) -> AsyncIterator[Fault]:
-    """The operator, with kopf's listing of the pods held back until the test sets the fault
+async def operator_listing_late(kube: KubeEmulator, resource: str = "pods") -> AsyncIterator[Fault]:
+    """The operator, with kopf's listing of the ``resource`` held back until the test sets the fault
     yielded to 0 times: answered 429 Too Many Requests, which kopf retries for as long as it takes."""
-    held = kube.fail(10**9, 429, verb="list", resource="pods", when=lambda r: r.headers.get("User-Agent") != USER_AGENT)
+    held = kube.fail(10**9, 429, verb="list", resource=resource, when=lambda r: r.headers.get("User-Agent") != USER_AGENT)
     configuration = kubernetes.client.Configuration(host=str(kube.url).rstrip("/"))
-    memo = kopf.Memo(cluster=Cluster(kubernetes.client.ApiClient(configuration)))
+    memo = kopf.Memo(cluster=Cluster(kubernetes.client.ApiClient(configuration)), namespaces=[NS])
     async with running_operator(str(kube.url), kopf.get_default_registry(), namespaces=[NS], memo=memo):
         yield held
 
@@ -424,7 +424,7 @@ async def test_a_restarted_operator_passes_each_run_once(kube: KubeEmulator):
         kube.set_pod_status(NS, pod_name(name, 1), "Running")
 
     passes, calls = metric("grpo_operator_reconcile_passes_total"), len(list(kube))
-    async with operator_listing_pods_late(kube) as listing:
+    async with operator_listing_late(kube) as listing:
         await eventually(lambda: all(status_of(kube, name).get("phase") == "Running" for name in names))
         listing.times = 0
         # A change after the listing wakes its run, once kopf has handled the listing's events.
@@ -445,13 +445,83 @@ async def test_a_pod_changed_between_a_pass_and_kopfs_listing_wakes_its_run(kube
         await eventually(lambda: condition(status_of(kube), "Created").get("status") == "True")
     report(kube, 1, "Running")  # while the operator is down
 
-    async with operator_listing_pods_late(kube) as listing:
+    async with operator_listing_late(kube) as listing:
         await eventually(phase_is(kube, "Running"))  # the run's first pass
         end(kube, 1, "completed")  # no watch tells the operator yet
         await asyncio.sleep(0.2)
         assert status_of(kube)["phase"] == "Running"
         listing.times = 0
         await eventually(phase_is(kube, "Succeeded"))
+
+
+def new_run_watch_is_watching(kube: KubeEmulator) -> bool:
+    return any(api_call(r) == ApiCall("watch", "grporuns") and r.headers.get("User-Agent") == USER_AGENT for r in kube)
+
+
+@pytest.mark.asyncio
+async def test_a_new_run_gets_its_pod_while_kopf_is_still_listing_the_runs(kube: KubeEmulator):
+    """kopf serves a run applied during its first listing only once it has handled every listed
+    run (seconds, with a thousand resident): the new-run watch passes it at once. The run's loop,
+    once kopf starts it, posts that pass's events and goes on from what the pass left."""
+    async with operator_listing_late(kube, "grporuns") as listing:
+        await eventually(lambda: new_run_watch_is_watching(kube))
+        kube.create_object(GRPORUNS, manifest(), NS)
+        await eventually(lambda: condition(status_of(kube), "Created").get("status") == "True")
+        status = status_of(kube)
+        assert (status["phase"], status["attempt"], status["observedGeneration"]) == ("Pending", 1, 1)
+        assert events_of(kube) == [], "kopf posts the events, from the run's loop, which has not started"
+        assert "finalizers" not in run_of(kube)["metadata"]
+        listing.times = 0
+        await eventually(lambda: events_of(kube) and run_of(kube)["metadata"].get("finalizers"))
+        report(kube, 1, "Running")  # the loop goes on as usual
+        await eventually(phase_is(kube, "Running"))
+        await eventually(lambda: len(events_of(kube)) == 2)
+
+    assert list(pods_ever(kube)) == [pod_name("run", 1)]
+    assert events_of(kube) == [("Normal", "AttemptCreated"), ("Normal", "Started")]
+
+
+@pytest.mark.asyncio
+async def test_the_new_run_watch_watches_again_after_an_expired_version_or_an_error(kube: KubeEmulator, monkeypatch):
+    """410 Gone: the version is listed again (what was applied meanwhile waits for kopf); any other
+    error: the same version is watched again after a pause."""
+    from grpo_operator import new_runs
+
+    monkeypatch.setattr(new_runs, "RETRY_SECONDS", 0.05)
+    ours = {"verb": "watch", "resource": "grporuns", "when": lambda r: r.headers.get("User-Agent") == USER_AGENT}
+    faults = [kube.fail(1, 410, **ours), kube.fail(1, 500, **ours)]
+    since = len(list(kube))
+    async with operator_listing_late(kube, "grporuns"):
+        await eventually(lambda: not any(fault.times for fault in faults) and new_run_watch_is_watching(kube))
+        kube.create_object(GRPORUNS, manifest(), NS)
+        await eventually(lambda: pod_of(kube, 1))
+        assert operator_calls(kube, since, ApiCall("list", "grporuns")) == 2
+        assert operator_calls(kube, since, ApiCall("watch", "grporuns")) >= 3
+
+
+def test_the_new_run_watch_and_the_runs_loop_never_pass_a_run_at_once():
+    from grpo_operator.new_runs import FirstPasses
+
+    first = FirstPasses()
+    claimed = first.claim("a")
+    assert claimed is not None and first.claim("a") is None, "claimed once"
+    assert first.loop_starts("a") is claimed, "the loop waits for the watch's pass"
+    assert first.claim("a") is None, "the loop has started"
+    first.loop_ends("a")
+    assert first.loop_starts("b") is None and first.claim("b") is None, "the loop went first"
+    assert first.claim("c") is not None
+    first.forget("c")  # deleted before its loop started
+    assert first.loop_starts("c") is None
+
+
+def test_a_namespace_glob_is_left_to_kopf(caplog):
+    from grpo_operator.new_runs import FirstPasses, NewRunWatch
+
+    watch = NewRunWatch(Cluster(kubernetes.client.ApiClient()), FirstPasses(), manifests.DEFAULT_IMAGES)
+    with caplog.at_level("INFO", logger="grpo_operator.new_runs"):
+        watch.start(["team-*"])
+    assert not watch._threads
+    assert "new runs in 'team-*' wait for kopf" in caplog.text
 
 
 @pytest.mark.slow
@@ -829,6 +899,7 @@ async def test_grpo_operator_runs_the_operator_with_the_kubeconfig(kube: KubeEmu
             process.send_signal(signal.SIGINT)
         _, stderr = await process.communicate()
     assert pod_of(kube, 1), stderr.decode()[-3000:]
+    assert new_run_watch_is_watching(kube), "the command starts the new-run watch on its namespace"
 
 
 @pytest.mark.asyncio

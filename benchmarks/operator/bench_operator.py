@@ -67,8 +67,8 @@ from kube_emulator import (  # noqa: E402
 
 from grpo_operator import manifests  # noqa: E402
 from grpo_operator.cluster import USER_AGENT  # noqa: E402
-from grpo_operator.handlers import status_patch  # noqa: E402
 from grpo_operator.manifests import pod_name, run_labels  # noqa: E402
+from grpo_operator.reconciliation import status_patch  # noqa: E402
 from grpo_operator.state import ABSENT, decide, observe_pod  # noqa: E402
 from grpo_trainer.spec import GRPORun, GRPORunStatus  # noqa: E402
 from grpo_trainer.termination import Outcome, TerminationMessage  # noqa: E402

@@ -11,10 +11,11 @@ Every write carries the operator's field manager; the trainer patches its run's 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
 
 import kubernetes
+import kubernetes.watch
 
 from grpo_operator.manifests import run_labels
 from grpo_trainer.spec import API_GROUP, API_VERSION, PLURAL
@@ -76,6 +77,31 @@ class Cluster:
             if error.status == 404:
                 return None
             raise
+
+    def runs_version(self, namespace: str | None) -> str:
+        """The resourceVersion of the runs in the namespace (None: every namespace) as of now: a
+        watch from it tells only what changes from now on. Lists one run at most."""
+        if namespace is None:
+            response = self._runs.list_cluster_custom_object(API_GROUP, API_VERSION, PLURAL, limit=1, _preload_content=False)
+        else:
+            response = self._runs.list_namespaced_custom_object(
+                API_GROUP, API_VERSION, namespace, PLURAL, limit=1, _preload_content=False
+            )
+        return _json(response)["metadata"]["resourceVersion"]
+
+    def watch_runs(self, namespace: str | None, version: str, timeout_seconds: int) -> Iterator[tuple[str, dict[str, Any]]]:
+        """The runs' watch events (type, run) after ``version``, until the API server ends the watch
+        (``timeout_seconds`` at most). An expired version raises ApiException 410."""
+        if namespace is None:
+            listing, args = self._runs.list_cluster_custom_object, (API_GROUP, API_VERSION, PLURAL)
+        else:
+            listing, args = self._runs.list_namespaced_custom_object, (API_GROUP, API_VERSION, namespace, PLURAL)
+        stream = kubernetes.watch.Watch().stream(
+            listing, *args, resource_version=version, timeout_seconds=timeout_seconds,
+            _request_timeout=timeout_seconds + 30,  # a connection that went silent ends too
+        )
+        for event in cast(Iterator[dict[str, Any]], stream):  # a watch's are dicts (a log's would be lines)
+            yield event["type"], event["raw_object"]
 
     def list_pods(self, run: Mapping[str, Any]) -> list[dict[str, Any]]:
         """The pods with the run's labels: its own, its evaluation Jobs', and any that a deleted run
@@ -142,11 +168,23 @@ class Cluster:
                 raise
 
 
+def describe(error: Exception) -> str:
+    """An API call's error in a line: the client's own text spans its response's headers and body."""
+    if isinstance(error, ApiException):
+        return f"HTTP {error.status} {error.reason}"
+    return str(error)
+
+
 def _selector(run: Mapping[str, Any]) -> str:
     return ",".join(f"{key}={value}" for key, value in run_labels(run["metadata"]["name"]).items())
 
 
 def _items(response: Any) -> list[dict[str, Any]]:
-    """The items of a list made with _preload_content=False: urllib3's response, read as JSON without
+    """The items of a list made with _preload_content=False."""
+    return _json(response)["items"]
+
+
+def _json(response: Any) -> dict[str, Any]:
+    """The body of a call made with _preload_content=False: urllib3's response, read as JSON without
     building the client's models (the client's annotations name the models, not this)."""
-    return json.loads(response.data)["items"]
+    return json.loads(response.data)

@@ -1,13 +1,17 @@
-"""The kopf handlers of the GRPORun operator: ``grpo operator``, or ``kopf run -m grpo_operator.handlers``.
+"""The kopf handlers of the GRPORun operator: ``grpo operator``, or ``kopf run -m grpo_operator.handlers``
+(without the new-run watch of :mod:`grpo_operator.new_runs`: that command does not tell the
+handlers which namespaces kopf watches).
 
-Each run gets one reconcile loop, a kopf daemon, like a controller-runtime worker for its key: it
-reads the run, its evaluation Jobs and its pods from the API server, asks
-:func:`grpo_operator.state.decide` what to do, does it, and sleeps until a pod or Job of the run
+Each run gets one reconcile loop, a kopf daemon, like a controller-runtime worker for its key: a
+pass (:func:`grpo_operator.reconciliation.reconcile`) reads the run, its evaluation Jobs and its
+pods from the API server, asks :func:`grpo_operator.state.decide` what to do, and does it; the loop
+posts the pass's events and sleeps until a pod or Job of the run
 is in a version its last pass did not read, the run's spec or (evaluating every checkpoint) its
 latest checkpoint changes, or the time comes that the decision asked to come back at (a backoff,
 the deadline, the TTL). Level-based: each pass looks only at what is
 stored now, so an event missed, repeated, or lost with an operator restart changes nothing. One loop
-per run means one reconcile at a time per run, as the attempt protocol in state.py needs.
+per run means one reconcile at a time per run, as the attempt protocol in state.py needs; a new
+run's first pass may come from the new-run watch, which the loop waits for.
 
 Everything kopf itself stores lives under ``grpo.dev``: its finalizer (kopf stops a run's loop
 before the run goes) and, were there change handlers, their progress and diff base, in annotations
@@ -22,28 +26,19 @@ import contextlib
 import os
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from operator import attrgetter
 from typing import Any
 
 import kopf
 import urllib3
 
 from grpo_operator import manifests, metrics
-from grpo_operator.cluster import ApiException, Cluster
-from grpo_operator.manifests import APP_LABEL, EVALUATION_LABEL, RUN_LABEL
-from grpo_operator.state import (
-    ABSENT,
-    decide,
-    observe_evaluations,
-    observe_pod,
-    owned,
-    validate_body,
-    watches_evaluations,
-)
-from grpo_trainer.spec import API_GROUP, API_VERSION, PLURAL, GRPORun, GRPORunStatus
-from grpo_trainer.validation import FieldError
+from grpo_operator.cluster import ApiException, Cluster, describe
+from grpo_operator.manifests import APP_LABEL, RUN_LABEL
+from grpo_operator.new_runs import FirstPasses, NewRunWatch
+from grpo_operator.reconciliation import Validation, reconcile
+from grpo_operator.state import Event
+from grpo_trainer.spec import API_GROUP, API_VERSION, PLURAL
 
 RUNS = (API_GROUP, API_VERSION, PLURAL)
 PODS = ("", "v1", "pods")
@@ -53,15 +48,6 @@ POD_LABELS: dict[str, Any] = {**APP_LABEL, RUN_LABEL: kopf.PRESENT}
 
 RESYNC = timedelta(minutes=5)
 """The longest a run's loop sleeps: a safety net for a change whose watch event went missing."""
-
-OPERATOR_STATUS_FIELDS = frozenset({
-    "phase", "conditions", "observed_generation", "attempt", "restarts", "start_time", "completion_time", "message",
-    "evaluations", "scores", "best_checkpoint", "validated_spec",
-})
-"""The status fields the operator writes. The trainer writes the others (progress, latestCheckpoint);
-patching only these leaves its reports alone, whatever their age in the operator's read. The
-operator is the one writer of the scores: evaluation Jobs only leave them in their pods'
-termination messages."""
 
 API_ERRORS = (ApiException, urllib3.exceptions.HTTPError)
 
@@ -139,10 +125,15 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     memo.passes = Passes(PASS_WORKERS)
     if "cluster" not in memo:  # tests and benchmarks bring one connected to their API server
         memo.cluster = Cluster.connect()
+    memo.first_passes = FirstPasses()
+    memo.new_runs = NewRunWatch(memo.cluster, memo.first_passes, memo.default_images)
+    if "namespaces" in memo:  # what kopf watches (None: every namespace); not known to `kopf run -m`
+        memo.new_runs.start(memo.namespaces)
 
 
 @kopf.on.cleanup()
 def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    memo.new_runs.stop()
     memo.cluster.close()
 
 
@@ -162,19 +153,26 @@ async def reconcile_loop(
     """A run's reconcile loop, from its creation (or the operator's start) until kopf stops it.
     ``body`` is the run as last watched: kopf updates a daemon's in place."""
     assert namespace is not None  # GRPORuns are namespaced
-    key = (namespace, name)
+    key, uid = (namespace, name), body.metadata.uid
     wakeup = memo.wakeups[key] = Wakeup()
     validation = Validation()
     failures = 0
     # The first pass takes the run as kopf last watched it instead of reading it (after a restart,
     # a thousand reads fewer). Safe only while this process has written nothing to the run, so
     # that kopf's copy is no older than any write the pass must see: not in a loop kopf restarted
-    # after a failure (retry > 0), and not after that pass. A change since wakes the next pass.
+    # after a failure (retry > 0), not after the new-run watch passed the run, and not after that
+    # pass. A change since wakes the next pass.
     takes_watched_body = retry == 0
+    early_pass = memo.first_passes.loop_starts(uid)
     try:
+        if early_pass is not None:  # the new-run watch passed the run first: one pass at a time
+            takes_watched_body = False
+            with contextlib.suppress(Exception):  # failed: the watch logged it; this loop passes anyway
+                early = await asyncio.shield(asyncio.wrap_future(early_pass))
+                validation = early.validation
+                _post(body, early.events)
         while not stopped:
             wakeup.pass_begins()
-            metrics.RECONCILE_PASSES.inc()
             try:
                 async with memo.passes.turn(_new_generation(body.metadata, body.status)):
                     # kopf replaces the body's source whole, on this thread: a consistent snapshot.
@@ -187,19 +185,28 @@ async def reconcile_loop(
                 metrics.RECONCILE_ERRORS.inc()
                 delay = memo.retry_delays[min(failures, len(memo.retry_delays) - 1)]
                 failures += 1
-                logger.warning(f"reconcile failed, again in {delay} s: {_describe(error)}")
+                logger.warning(f"reconcile failed, again in {delay} s: {describe(error)}")
                 wakeup.pass_ended(read=None)
                 requeue_at = datetime.now(UTC) + timedelta(seconds=delay)
             else:
                 failures = 0
+                _post(body, done.events)
                 wakeup.pass_ended(read=done.read)
                 requeue_at = done.requeue_at
             await _sleep(requeue_at, wakeup, stopped)
     finally:
+        memo.first_passes.loop_ends(uid)
         if memo.wakeups.get(key) is wakeup:  # a new run of the same name may have its own loop by now
             del memo.wakeups[key]
             memo.checkpoints.pop(key, None)
             metrics.RUNS.forget(namespace, name)
+
+
+def _post(run: kopf.Body, events: Iterable[Event]) -> None:
+    """Post a pass's events for the run (after its status was patched: a pass killed in between
+    loses one, posts none twice)."""
+    for event in events:
+        kopf.event(run, type=event.type, reason=event.reason, message=event.message)
 
 
 def _new_generation(meta: Mapping[str, Any], status: Mapping[str, Any], **_: Any) -> bool:
@@ -321,101 +328,3 @@ async def _sleep(until: datetime | None, wakeup: Wakeup, stopped: kopf.DaemonSto
     finally:
         for waiter in waiters:
             waiter.cancel()
-
-
-def _describe(error: Exception) -> str:
-    if isinstance(error, ApiException):
-        return f"HTTP {error.status} {error.reason}"
-    return str(error)
-
-
-# ------------------------------------------------------------------------------ one pass
-
-
-@dataclass
-class Validation:
-    """validate_body of the run's current generation, kept: its CEL rules take tens of
-    milliseconds, and the spec changes only with the generation."""
-
-    generation: int | None = None
-    result: GRPORun | list[FieldError] | None = None
-
-    def of(self, body: Mapping[str, Any]) -> GRPORun | list[FieldError]:
-        generation = body["metadata"]["generation"]
-        if self.result is None or generation != self.generation:
-            self.generation, self.result = generation, validate_body(body)
-        return self.result
-
-
-@dataclass(frozen=True)
-class Pass:
-    requeue_at: datetime | None
-    """When to come back even if nothing changes."""
-    read: Mapping[str, str]
-    """The resourceVersion of each pod and Job the pass listed, by uid."""
-
-
-def reconcile(
-    cluster: Cluster,
-    namespace: str,
-    name: str,
-    validation: Validation,
-    default_images: Mapping[str, str] = manifests.DEFAULT_IMAGES,
-    watched: Mapping[str, Any] | None = None,
-) -> Pass:
-    """One pass: read the run (or take ``watched``, the run as kopf last watched it, when the
-    caller knows it is recent enough: see reconcile_loop), then its evaluation Jobs if it has any to
-    watch, then its pods (in that order, as decide requires), decide, act. A run that names no
-    images gets ``default_images``."""
-    body = watched if watched is not None else cluster.read_run(namespace, name)
-    if body is None or body["metadata"].get("deletionTimestamp"):
-        return Pass(None, {})  # kopf stops this loop
-    run = validation.of(body)
-    stored = body.get("status") or {}
-    status = GRPORunStatus.model_validate(stored)
-    spec = run.spec if isinstance(run, GRPORun) else run
-    listed_jobs = cluster.list_jobs(body) if watches_evaluations(spec, status) else []
-    listed_pods = cluster.list_pods(body)
-    uid = body["metadata"]["uid"]
-    jobs = owned(listed_jobs, {uid})
-    pods = owned(listed_pods, {uid, *(job["metadata"]["uid"] for job in jobs)})
-    read = {obj["metadata"]["uid"]: obj["metadata"]["resourceVersion"] for obj in (*listed_jobs, *listed_pods)}
-    trainers, evaluators = [], []
-    for pod in pods:
-        (evaluators if EVALUATION_LABEL in (pod["metadata"].get("labels") or {}) else trainers).append(pod)
-    newest = max(map(observe_pod, trainers), key=attrgetter("attempt"), default=ABSENT)
-    evaluations = observe_evaluations(jobs, evaluators)
-    now = datetime.now(UTC)
-    decision = decide(spec, status, newest, generation=body["metadata"]["generation"], now=now, evaluations=evaluations)
-    metrics.RUNS.record(namespace, name, decision.status.phase)
-
-    if decision.create_pod is not None and isinstance(run, GRPORun):
-        # What the pod mounts and runs as first: the pod names its ConfigMap and ServiceAccount.
-        for build in (manifests.config_map, manifests.service_account, manifests.role, manifests.role_binding):
-            cluster.apply(build(run))
-        pod = manifests.pod(run, attempt=decision.create_pod, default_images=default_images)
-        if cluster.create(pod) and decision.create_pod > 1:  # False: it exists already, adopted next pass
-            metrics.POD_RECREATIONS.inc()
-    if decision.create_jobs and isinstance(run, GRPORun):
-        cluster.apply(manifests.evaluation_service_account(run))
-        for checkpoint in decision.create_jobs:
-            job = manifests.evaluation_job(run, checkpoint, default_images=default_images)
-            cluster.create(job)  # exists already: observed next pass
-    if decision.delete_pod is not None:
-        cluster.delete_pod(namespace, decision.delete_pod)
-    change = status_patch(stored, decision.status)
-    if change:
-        cluster.patch_status(namespace, name, change)
-    for event in decision.events:  # after the status: a pass killed in between loses one, posts none twice
-        # kopf.event reads any mapping (the run as read); its annotation names kopf's own Body view
-        kopf.event(body, type=event.type, reason=event.reason, message=event.message)  # pyright: ignore[reportArgumentType]
-    if decision.delete_run:
-        cluster.delete_run(namespace, name)
-    return Pass(decision.requeue_at, read)
-
-
-def status_patch(stored: Mapping[str, Any], decided: GRPORunStatus) -> dict[str, Any]:
-    """The merge patch that takes the operator's fields of the status as stored to the decided ones
-    (null removes a field); empty if they are the same."""
-    new = decided.model_dump(mode="json", by_alias=True, include=set(OPERATOR_STATUS_FIELDS))
-    return {key: value for key, value in new.items() if stored.get(key) != value}

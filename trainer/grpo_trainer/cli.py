@@ -264,6 +264,7 @@ def operator(args: argparse.Namespace) -> int:
         standalone=True,
         clusterwide=args.all_namespaces,
         namespaces=args.namespace or (),
+        memo=kopf.Memo(namespaces=None if args.all_namespaces else args.namespace),
         liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None,
     )
     return 0
