@@ -21,4 +21,5 @@ for micro_step in range(MICRO_STEPS):
 if rank == 0:
     state = {name: p.detach().clone() for name, p in engine.module.named_parameters()}
     torch.save({"params": state, "global_steps": engine.global_steps, "lr": learning_rates,
-                "zero_stage": engine.zero_optimization_stage()}, sys.argv[1])
+                "zero_stage": engine.zero_optimization_stage(),
+                "backward_allreduce": engine.enable_backward_allreduce}, sys.argv[1])

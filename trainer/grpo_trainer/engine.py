@@ -84,13 +84,20 @@ def build_engine(model: PreTrainedModel, grpo: GRPOSpec):
         weight_decay=grpo.weight_decay,
         fused=True,
     )
+    world_size = torch.distributed.get_world_size()
+    config = deepspeed_config(grpo, on_gpu=on_gpu, world_size=world_size)
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
         # DeepSpeed annotates torch's deprecated _LRScheduler, and takes any LRScheduler
         lr_scheduler=lr_scheduler(optimizer, grpo),  # pyright: ignore[reportArgumentType]
-        config=deepspeed_config(grpo, on_gpu=on_gpu, world_size=torch.distributed.get_world_size()),
+        config=config,
     )
+    if world_size == 1 and config["zero_optimization"]["stage"] == 0:
+        # A group of one has nothing to average, yet stage 0 would flatten every gradient into one
+        # buffer after each backward, all-reduce it alone and copy it back: 1.7 s a step for SmolLM2
+        # on one core (benchmarks/README.md), a sixth of the training phase.
+        engine.enable_backward_allreduce = False
     return engine
 
 
