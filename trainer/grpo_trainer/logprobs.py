@@ -89,7 +89,9 @@ class _ChunkedLogProbs(torch.autograd.Function):
             grad_logits = grad_logits.to(hidden.dtype)
             if grad_hidden is not None:
                 grad_hidden[rows] = grad_logits @ weight
-            if grad_weight is not None:
+            if grad_weight is not None and grad_weight.dtype == grad_logits.dtype:
+                grad_weight.addmm_(grad_logits.t(), hidden[rows])  # in place: no second [V, H] tensor
+            elif grad_weight is not None:
                 grad_weight += grad_logits.t() @ hidden[rows]
         grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
         grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
