@@ -79,7 +79,8 @@ def _reference_training(world_size: int):
 @pytest.mark.parametrize("world_size", [WORLD_SIZE, 1], ids=["ZeRO-2 on 2 processes", "stage 0 on 1 process"])
 def test_the_engine_on_cpu_processes_equals_single_process_adamw(tmp_path, world_size):
     output = tmp_path / "rank0.pt"
-    env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
+    # The checkout's trainer, not whichever the environment installed (an editable install of another tree).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent / "trainer")]), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world_size),
                "--master_port", str(29533 + world_size), str(TESTS / "engine_worker.py"), str(output)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
