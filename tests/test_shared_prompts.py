@@ -92,15 +92,20 @@ def test_shared_prompt_log_probs_and_gradients_equal_the_plain_paths(gradient_ch
         assert_relatively_close(got, want)
 
 
-class Engine:
-    """What _optimize asks of DeepSpeed's engine, without optimizer steps: the gradients of all
-    micro-batches add up in the parameters' .grad."""
+class Engine(torch.nn.Module):
+    """What _optimize asks of DeepSpeed's engine at stage 0 (one CPU process), without optimizer steps:
+    the gradients of all micro-batches add up in the parameters' .grad. So the prompts' pass runs on
+    aliases of the weights (grpo_trainer.shared_prompts)."""
 
     def __init__(self, module):
+        super().__init__()
         self.module = module
 
-    def __call__(self, **inputs):
+    def forward(self, **inputs):
         return self.module(**inputs)
+
+    def zero_optimization_stage(self) -> int:
+        return 0
 
     def backward(self, loss):
         loss.backward()
@@ -150,6 +155,35 @@ def test_the_training_phase_gives_the_plain_paths_loss_and_gradients(gradient_ch
         assert value == pytest.approx(plain_metrics[name], rel=TOLERANCE), name
     for got, want in zip(shared_gradients, plain_gradients, strict=True):
         assert_relatively_close(got, want)
+
+
+def test_each_pass_adds_its_gradients_into_the_parameters_as_they_arrive():
+    """Under a stage-0 engine no weight's gradient from one pass waits in autograd for another's: when
+    the prompts' pass (the last) adds a layer's, its parameter already holds the completions' pass's.
+    The gradients are a bare model's, of one forward per row."""
+    model = tiny_llama(False)
+    batch = _padded_batch(groups((3, 6), (5, 2, 7, 1, 4, 6), num_generations=3), 0, torch.device("cpu"))
+    weight = model.model.layers[0].mlp.down_proj.weight
+    held_before_the_prompts: list[torch.Tensor] = []
+    add = torch.Tensor.add_
+
+    def recording_add(tensor, other, *args, **kwargs):
+        if tensor is weight.grad:
+            held_before_the_prompts.append(tensor.clone())
+        return add(tensor, other, *args, **kwargs)
+
+    logps, _ = _completion_logps(Engine(model), batch, 0.7)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.Tensor, "add_", recording_add)
+        logps.sum().backward()
+    assert len(held_before_the_prompts) == 1 and held_before_the_prompts[0].abs().sum() > 0
+    bare = tiny_llama(False)
+    with plain_path():
+        plain, _ = _completion_logps(bare, batch, 0.7)
+    plain.sum().backward()
+    for got, want in zip(model.parameters(), bare.parameters(), strict=True):
+        assert got.grad is not None and want.grad is not None
+        assert_relatively_close(got.grad, want.grad)
 
 
 def test_a_model_with_sliding_window_layers_takes_the_plain_path():

@@ -22,6 +22,17 @@ So their layers keep the cache (transformers' ``_can_checkpoint_with_cache``, me
 only read one). The layers must be checkpointed non-reentrantly (grpo_trainer.engine): the prompt's
 states reach them through the cache, not as arguments, and a reentrant checkpoint would drop their
 gradient.
+
+Each weight then serves two passes (and a tied input embedding the output layer too), and autograd
+holds a weight's gradient from one use until its last use's arrives: from the completions' pass,
+which the backward reaches first, until the prompts' pass, whose backward comes last. That is a
+second copy of the weights' gradients held to the end of the backward, where the CPU example's step
+peaked (a micro-batch's backward of SmolLM2-135M grew by 0.41 GiB with it, 0.21 without:
+benchmarks/README.md). So under a DeepSpeed engine at stage 0, whose
+backward leaves plain gradients in the parameters' .grad, each pass runs on aliases of the weights,
+leaves of their own on the same storage, and each alias's gradient is added into its parameter's as
+it arrives, one layer's at a time. Not under ZeRO, whose hooks take each gradient as autograd
+accumulates it, nor for a bare model, whose gradients may be asked of torch.autograd.grad.
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ from contextlib import contextmanager
 from typing import Any, cast
 
 import torch
+from torch.func import functional_call
 from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
 from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -44,8 +56,8 @@ def completion_hidden_states(model, input_ids, attention_mask, position_ids, wid
     no_logits = torch.zeros(0, dtype=torch.long, device=input_ids.device)
     if split < 1 or not shares_prompts(causal_lm):  # one forward of every row's whole sequence
         with _final_hidden_states(causal_lm) as hidden:
-            model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                  logits_to_keep=no_logits)
+            _on_aliased_weights(model)(input_ids=input_ids, attention_mask=attention_mask,
+                                       position_ids=position_ids, logits_to_keep=no_logits)
         return hidden[0][:, -width - 1 : -1]
 
     # Rows with the same prompt columns, pad or token, share one prompt forward (whatever their group).
@@ -57,7 +69,7 @@ def completion_hidden_states(model, input_ids, attention_mask, position_ids, wid
 
     prompts = PromptStates()
     with _keeping_caches_under_checkpointing(causal_lm):
-        model(
+        _on_aliased_weights(model)(
             input_ids=input_ids[row_of_prompt, :split],
             attention_mask=attention_mask[row_of_prompt, :split],
             position_ids=position_ids[row_of_prompt, :split],
@@ -66,7 +78,7 @@ def completion_hidden_states(model, input_ids, attention_mask, position_ids, wid
             logits_to_keep=no_logits,
         )
         with _final_hidden_states(causal_lm) as hidden:
-            model(
+            _on_aliased_weights(model)(
                 input_ids=input_ids[:, split:-1],
                 attention_mask=attention_mask[:, :-1],  # the prompt's columns, then the row's own
                 position_ids=position_ids[:, split:-1],
@@ -75,6 +87,33 @@ def completion_hidden_states(model, input_ids, attention_mask, position_ids, wid
                 logits_to_keep=no_logits,
             )
     return hidden[0]
+
+
+def _on_aliased_weights(model):
+    """A DeepSpeed engine at stage 0 as a callable that runs on aliases of its trainable weights, each
+    alias's gradient added into its parameter's when autograd has accumulated it (see the module's
+    docstring); anything else, or without gradients, as it is."""
+    zero_stage = getattr(model, "zero_optimization_stage", None)  # a DeepSpeed engine's
+    if zero_stage is None or zero_stage() != 0 or not torch.is_grad_enabled():
+        return model
+    aliases = {}
+    for name, parameter in model.named_parameters():
+        aliases[name] = alias = parameter.detach().requires_grad_(parameter.requires_grad)
+        if parameter.requires_grad:
+            alias.register_post_accumulate_grad_hook(_adding_into(parameter))
+    return lambda **kwargs: functional_call(model, aliases, args=(), kwargs=kwargs)
+
+
+def _adding_into(parameter: torch.Tensor):
+    def add(alias: torch.Tensor) -> None:
+        gradient, alias.grad = alias.grad, None
+        assert gradient is not None  # the hook runs once autograd has accumulated it
+        if parameter.grad is None:
+            parameter.grad = gradient
+        else:
+            parameter.grad.add_(gradient)
+
+    return add
 
 
 def shares_prompts(causal_lm) -> bool:
