@@ -163,6 +163,24 @@ def test_model_loads_in_float32_on_cpu_and_generates_left_padded(tiny_model_dir)
     assert out.shape == (2, batch["input_ids"].shape[1] + 3)
 
 
+def test_on_cpu_attention_keeps_grouped_keys_and_values_unrepeated_for_the_backward(tiny_model_dir):
+    """The tiny model has 4 query heads on 2 key-value heads; a padded training forward on the CPU
+    hands SDPA (and so its backward) the 2 heads' keys as they are, not a copy per query head."""
+    import torch
+
+    location = resolve_model_source(str(tiny_model_dir))
+    model = load_model(location, load_tokenizer(location), dtype="float32", device="cpu")
+    attention_mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    hidden = model.model(input_ids=torch.tensor([[0, 5, 6, 7], [8, 9, 10, 11]]), attention_mask=attention_mask)
+    saved_keys, nodes = [], [hidden.last_hidden_state.grad_fn]
+    while nodes:
+        node = nodes.pop()
+        if node is not None and "ScaledDotProduct" in type(node).__name__:
+            saved_keys.append(node._saved_key)
+        nodes.extend(next_node for next_node, _ in (node.next_functions if node is not None else ()))
+    assert saved_keys and {keys.shape[1] for keys in saved_keys} == {model.config.num_key_value_heads}
+
+
 def test_tokenizer_larger_than_the_model_vocabulary_is_refused(tiny_model_dir, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 

