@@ -157,11 +157,13 @@ def test_the_training_phase_gives_the_plain_paths_loss_and_gradients(gradient_ch
         assert_relatively_close(got, want)
 
 
-def test_each_pass_adds_its_gradients_into_the_parameters_as_they_arrive():
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_each_pass_adds_its_gradients_into_the_parameters_as_they_arrive(gradient_checkpointing):
     """Under a stage-0 engine no weight's gradient from one pass waits in autograd for another's: when
     the prompts' pass (the last) adds a layer's, its parameter already holds the completions' pass's.
-    The gradients are a bare model's, of one forward per row."""
-    model = tiny_llama(False)
+    The gradients are a bare model's, of one forward per row (a checkpointed layer's recomputation
+    reads the weights themselves, which the aliases share)."""
+    model = tiny_llama(gradient_checkpointing)
     batch = _padded_batch(groups((3, 6), (5, 2, 7, 1, 4, 6), num_generations=3), 0, torch.device("cpu"))
     weight = model.model.layers[0].mlp.down_proj.weight
     held_before_the_prompts: list[torch.Tensor] = []
@@ -177,7 +179,7 @@ def test_each_pass_adds_its_gradients_into_the_parameters_as_they_arrive():
         patch.setattr(torch.Tensor, "add_", recording_add)
         logps.sum().backward()
     assert len(held_before_the_prompts) == 1 and held_before_the_prompts[0].abs().sum() > 0
-    bare = tiny_llama(False)
+    bare = tiny_llama(gradient_checkpointing)
     with plain_path():
         plain, _ = _completion_logps(bare, batch, 0.7)
     plain.sum().backward()
