@@ -22,6 +22,4 @@ if rank == 0:
     state = {name: p.detach().clone() for name, p in engine.module.named_parameters()}
     torch.save({"params": state, "global_steps": engine.global_steps, "lr": learning_rates,
                 "zero_stage": engine.zero_optimization_stage(),
-                "backward_allreduce": engine.enable_backward_allreduce,
-                "gradients_kept_zeroed": all(p.grad is not None and not p.grad.any() for p in engine.module.parameters())},
-               sys.argv[1])
+                "backward_allreduce": engine.enable_backward_allreduce}, sys.argv[1])

@@ -89,7 +89,6 @@ def test_the_engine_on_cpu_processes_equals_single_process_adamw(tmp_path, world
     assert trained["global_steps"] == OPTIMIZER_STEPS == MICRO_STEPS // ACCUMULATION
     assert trained["zero_stage"] == (2 if world_size > 1 else 0)
     assert trained["backward_allreduce"] == (world_size > 1), "one process has no gradient to all-reduce"
-    assert trained["gradients_kept_zeroed"] == (world_size == 1), "stage 0 zeroes its gradients in place"
     reference, learning_rates = _reference_training(world_size)
     assert trained["lr"] == pytest.approx(learning_rates, rel=1e-9)
     initial = dict(tiny_model().named_parameters())

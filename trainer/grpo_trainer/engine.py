@@ -98,27 +98,7 @@ def build_engine(model: PreTrainedModel, grpo: GRPOSpec):
         # buffer after each backward, all-reduce it alone and copy it back: 1.7 s a step for SmolLM2
         # on one core (benchmarks/README.md), a sixth of the training phase.
         engine.enable_backward_allreduce = False
-    if engine.zero_optimization_stage() == 0:
-        _keep_gradients(engine)
     return engine
-
-
-def _keep_gradients(engine) -> None:
-    """Allocate every trainable parameter's gradient now, zeroed, and zero them in place after each
-    optimizer step, where stage 0 sets them to None and the next backward allocates them afresh among
-    its activations: allocated anew each step, they fragment the heap, and the CPU example's resumed run
-    peaked higher with every step (benchmarks/README.md). A parameter that gets no gradient in a step
-    is then stepped with a zero one, as after torch's zero_grad(set_to_none=False); every parameter of
-    a dense causal LM gets one every micro-batch."""
-    parameters = [parameter for parameter in engine.module.parameters() if parameter.requires_grad]
-    for parameter in parameters:
-        parameter.grad = torch.zeros_like(parameter)
-
-    def zero_grad() -> None:
-        for parameter in parameters:
-            parameter.grad.zero_()
-
-    engine.zero_grad = zero_grad  # DeepSpeed's sets them to None
 
 
 def init_distributed() -> None:
