@@ -223,7 +223,7 @@ def load_model(
     if torch.device(device).type == "cpu":
         # SDPA's CPU kernels take grouped-query attention's keys and values as they are, padding mask or
         # not; transformers copies them once per query head unless told, and a training forward keeps
-        # the copies for its backward (0.1 GiB of the CPU example's peak: benchmarks/README.md).
+        # the copies for its backward (0.1 GB of the CPU example's peak: benchmarks/README.md).
         os.environ.setdefault(SDPA_GROUPED_KEYS, "1")
     torch_dtype = training_dtype(dtype, device)
     if str(torch_dtype).removeprefix("torch.") != dtype:
