@@ -72,6 +72,7 @@ class Settings:
     gradient_checkpointing: bool
     seed: int
     threads: int
+    bf16: bool = False  # bfloat16 weights and DeepSpeed's bf16 mode: GPU only (gpu_check.py)
 
     @property
     def prompts_per_step(self) -> int:
@@ -253,14 +254,14 @@ def our_run(settings: Settings, model_dir: Path, scratch: Path):
         max_steps=settings.steps,
         seed=settings.seed,
         gradient_checkpointing=settings.gradient_checkpointing,
-        bf16=False,
+        bf16=settings.bf16,
     )
     return GRPORun(
         api_version="grpo.dev/v1alpha1",
         kind="GRPORun",
         metadata=ObjectMeta(name="bench-vs-trl"),
         spec=GRPORunSpec(
-            model=ModelSpec(source=str(model_dir), dtype="float32"),
+            model=ModelSpec(source=str(model_dir), dtype="bfloat16" if settings.bf16 else "float32"),
             dataset=DatasetSpec(source="builtin://arithmetic", system_prompt=SYSTEM_PROMPT, max_samples=2000),
             rewards=[RewardSpec(name="format")],
             grpo=grpo,
