@@ -27,7 +27,7 @@ Each weight then serves two passes (and a tied input embedding the output layer 
 holds a weight's gradient from one use until its last use's arrives: from the completions' pass,
 which the backward reaches first, until the prompts' pass, whose backward comes last. That is a
 second copy of the weights' gradients held to the end of the backward, where the CPU example's step
-peaks (its whole run peaked 0.24 to 0.32 GB higher with it: benchmarks/README.md). So under a
+peaks (its whole run peaked 0.30 to 0.35 GB higher with it: benchmarks/README.md). So under a
 DeepSpeed engine at stage 0, whose backward leaves plain gradients in the parameters' .grad, each
 pass runs on aliases of the weights, leaves of their own on the same storage, and each alias's
 gradient is added into its parameter's as it arrives, one layer's at a time. Not under ZeRO, whose
