@@ -47,6 +47,8 @@ import bench_memory  # noqa: E402
 import bench_vs_trl  # noqa: E402
 from bench_vs_trl import Settings, SideResult, fixed_completions, in_fresh_process, run_ours  # noqa: E402
 
+from grpo_trainer.model import ModelError  # noqa: E402
+
 DENSE_BF16_TFLOPS = (  # the first name that occurs in torch.cuda.get_device_name() wins
     ("H100 PCIe", 756.0),
     ("H100 NVL", 835.0),
@@ -64,42 +66,37 @@ def peak_tflops(device_name: str) -> float | None:
     return next((tflops for name, tflops in DENSE_BF16_TFLOPS if name in device_name), None)
 
 
-class MemoryClock(bench_vs_trl.StepClock):
-    """bench_vs_trl's step clock that also records each step's peak memory in GiB: the GPU's
-    allocated bytes, or the process's resident set on a CPU."""
+class MemoryClock(bench_memory.PeakClock):
+    """bench_memory.py's step clock, which records each step's peak resident set, recording on a GPU
+    the step's peak of allocated GPU memory too (GiB)."""
 
-    peaks: list[float] = []
+    gpu_peaks: list[float] = []
 
     def begin(self) -> None:
         import torch
 
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        else:
-            with open("/proc/self/clear_refs", "w") as clear:
-                clear.write("5")  # VmHWM := VmRSS
         super().begin()
 
     def end(self) -> None:
         import torch
 
-        if self._began is not None:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-                MemoryClock.peaks.append(torch.cuda.max_memory_allocated() / 2**30)
-            else:
-                MemoryClock.peaks.append(bench_memory._status_gib("VmHWM"))
+        if self._began is not None and torch.cuda.is_available():
+            torch.cuda.synchronize()
+            MemoryClock.gpu_peaks.append(torch.cuda.max_memory_allocated() / 2**30)
         super().end()
 
 
-def measured(function, *args) -> tuple[SideResult, list[float], str]:
-    """``function(*args)`` in this (fresh) process with MemoryClock as the step clock."""
+def measured(function, *args) -> tuple[SideResult, list[float]]:
+    """``function(*args)`` in this (fresh) process with MemoryClock as the step clock, and each
+    step's peak memory: the GPU's where there is one, else the resident set."""
     import torch
 
     bench_vs_trl.StepClock = MemoryClock
     result = function(*args)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    return result, MemoryClock.peaks, device
+    on_gpu = torch.cuda.is_available()
+    return result, MemoryClock.gpu_peaks if on_gpu else [peak for _, peak in MemoryClock.peaks]
 
 
 def model_flops_per_step(settings: Settings, model_dir: Path, parameters: int, prompts: list[list[int]]) -> float:
@@ -146,6 +143,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.steps < 2:
         parser.error("--steps must be at least 2: the first step is a warm-up")
+    if args.completion_length is not None and args.completion_length < 1:
+        parser.error("--completion-length must be at least 1")
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        parser.error("--peak-tflops must be above 0")
     import torch
 
     if not args.cpu and not torch.cuda.is_available():
@@ -156,22 +157,28 @@ def main(argv=None) -> None:
     device = torch.cuda.get_device_name() if on_gpu else "CPU"
     tflops = args.peak_tflops or (peak_tflops(device) if on_gpu else None)
     names = ("smollm2", "paper-shape") if args.workload == "both" else (args.workload,)
-    print(f"    {shlex.join(['python', 'benchmarks/trainer/gpu_check.py', *(argv or sys.argv[1:])])}\n")
-    print(f"{device}, torch {torch.__version__}, {'bf16' if on_gpu else 'float32'}, dense peak "
-          + (f"{tflops:g} TFLOPS" if tflops else "unknown (no MFU)") + f"; steps 2–{args.steps}, means.\n")
-    print("| workload | what runs | step s | completion tokens/s | training phase s | training-phase MFU "
-          "| peak memory of a step, GiB |")
-    print("|---|---|---|---|---|---|---|")
-    for name in names:
-        settings, make_model_dir = workload(name, args, on_gpu)
-        with tempfile.TemporaryDirectory() as root:
-            model_dir, parameters = make_model_dir(settings, Path(root))
+    with tempfile.TemporaryDirectory() as root:
+        runs = []
+        for name in names:  # every model first: a missing tokenizer stops the check before any run
+            settings, make_model_dir = workload(name, args, on_gpu)
+            try:
+                model_dir, parameters = make_model_dir(settings, Path(root) / name)
+            except ModelError as error:
+                parser.exit(2, f"gpu_check.py: {error}\n")
+            runs.append((name, settings, model_dir, parameters))
+        print(f"    {shlex.join(['python', 'benchmarks/trainer/gpu_check.py', *(argv or sys.argv[1:])])}\n")
+        print(f"{device}, torch {torch.__version__}, {'bf16' if on_gpu else 'float32'}, dense peak "
+              + (f"{tflops:g} TFLOPS" if tflops else "unknown (no MFU)") + f"; steps 2–{args.steps}, means.\n")
+        print("| workload | what runs | step s | completion tokens/s | training phase s | training-phase MFU "
+              "| peak memory of a step, GiB |")
+        print("|---|---|---|---|---|---|---|")
+        for name, settings, model_dir, parameters in runs:
             spans = {"training phase on fixed completions": fixed_completions(settings, model_dir)}
             if name == "smollm2":
                 spans = {"whole step, generation in-process": None, **spans}
             for span, fixed in spans.items():
                 measurement = in_fresh_process(measured, run_ours, settings, model_dir, fixed, False)
-                side, peaks, _ = cast(tuple[SideResult, list[float], str], measurement)  # measured's
+                side, peaks = cast(tuple[SideResult, list[float]], measurement)  # measured's
                 steps = range(1, len(side.steps))
                 flops = statistics.fmean(
                     model_flops_per_step(settings, model_dir, parameters, side.prompts[step]) / side.steps[step].train
